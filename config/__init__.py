@@ -1,0 +1,5 @@
+"""Settings for every mlx-ring process."""
+
+from config.settings import REPO_DIR, Settings, SettingsError, load_settings
+
+__all__ = ["REPO_DIR", "Settings", "SettingsError", "load_settings"]
