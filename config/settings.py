@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     poll_interval: float = Field(0.05, gt=0, le=5)
     spool_retention: float = Field(3600.0, ge=0)
     heartbeat_timeout: float = Field(10.0, gt=0)
+    ring_down_after: float = Field(120.0, gt=0)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8100, ge=1, le=65535)
     api_key: Optional[str] = None
