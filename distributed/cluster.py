@@ -1,0 +1,83 @@
+"""Bring one rank up: join the group, agree on the layer split, load the stage."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from config import Settings
+from distributed.group import all_gather_json, rank_record
+from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
+from distributed.pipeline import Limits, Pipeline
+from distributed.split import plan_split
+from distributed.shard import (
+    Stage,
+    count_layers,
+    hidden_dtype,
+    load_stage,
+    load_stage_tokenizer,
+    local_layers,
+    local_model_path,
+    parameter_bytes,
+)
+from models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cluster:
+    """Everything one rank holds once the ring is up."""
+
+    group: mx.distributed.Group
+    stage: Stage
+    pipeline: Pipeline
+    ranks: list[dict]
+    model_path: Path
+    config: dict
+    tokenizer: Optional[object] = None  # rank 0 only
+
+
+def kv_settings(settings: Settings) -> KVSettings:
+    return KVSettings(
+        max_size=settings.kv_cache_max_size,
+        bits=settings.kv_bits,
+        group_size=settings.kv_group_size,
+        quantized_start=settings.quantized_kv_start,
+    )
+
+
+def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
+    """Collective: every rank calls it with the same settings."""
+    rank, size = group.rank(), group.size()
+    model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
+    path = local_model_path(model_ref)
+    num_layers = count_layers(path)
+    records = all_gather_json(group, rank_record(rank))
+    bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
+    stage = Stage(rank, size, *bounds[rank])
+    log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
+    model, config = load_stage(model_ref, stage, group, path)
+
+    kv = kv_settings(settings)
+    per_token = kv_bytes_per_token(
+        local_layers(model, stage), model.args.hidden_size, hidden_dtype(model)
+    )
+    record = rank_record(rank) | {
+        "layers": [stage.start, stage.end],
+        "parameter_bytes": parameter_bytes(model),
+        "kv_bytes_per_token": per_token,
+    }
+    ranks = all_gather_json(group, record)
+    budget = settings.kv_cache_reserved_memory_mb * 2**20
+    capacities = [token_capacity(budget, r["kv_bytes_per_token"], kv) for r in ranks]
+    bounded = [c for c in capacities if c is not None]
+    limits = Limits(settings.max_sequence_length, min(bounded) if bounded else None)
+    log.info("ring ready: %d ranks, KV capacity %s tokens per sequence", size, limits.kv_capacity or "unbounded")
+    pipeline = Pipeline(model, stage, group, kv, settings.prefill_step_size, limits)
+    tokenizer = load_stage_tokenizer(path, config) if stage.is_first else None
+    return Cluster(group, stage, pipeline, ranks, path, config, tokenizer)

@@ -1,0 +1,58 @@
+"""The MLX distributed group and facts each rank shares with the others at start."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+
+import mlx.core as mx
+
+log = logging.getLogger(__name__)
+
+# Bytes reserved per rank when gathering a JSON record.
+RECORD_BYTES = 1024
+
+
+def init_group(backend: str) -> mx.distributed.Group:
+    """Join the group for `backend` ('any', 'ring', 'mpi', 'jaccl'); alone, a group of one."""
+    group = mx.distributed.init(strict=False, backend=backend)
+    log.info("joined group: rank %d of %d (backend %s)", group.rank(), group.size(), backend)
+    return group
+
+
+def available_memory() -> int:
+    """Bytes this machine can give to model weights and caches."""
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
+    if platform.system() == "Linux":
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def all_gather_json(group: mx.distributed.Group, record: dict) -> list[dict]:
+    """Every rank's `record`, in rank order (a collective: all ranks must call it)."""
+    data = json.dumps(record).encode()
+    if len(data) > RECORD_BYTES:
+        raise ValueError(f"record of {len(data)} bytes exceeds {RECORD_BYTES}")
+    buf = mx.array(list(data.ljust(RECORD_BYTES, b" ")), dtype=mx.uint8)
+    if group.size() > 1:
+        buf = mx.distributed.all_gather(buf[None], group=group)
+    rows = buf.reshape(group.size(), RECORD_BYTES).tolist()
+    return [json.loads(bytes(row).decode()) for row in rows]
+
+
+def rank_record(rank: int) -> dict:
+    """What the other ranks and /health learn about this rank."""
+    return {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "memory": available_memory(),
+    }

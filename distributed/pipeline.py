@@ -1,0 +1,240 @@
+"""Pipelined generation around the ring.
+
+Rank 0 embeds and runs the first layers, each rank passes the hidden state to
+the next, the last rank samples and sends the token ids back to rank 0. Every
+message starts with a small header; the per-sequence table on each rank is
+keyed by the header's sequence id, so batching can grow from here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from distributed.kv_cache import KVSettings, StageCache
+from distributed.sampling import SamplingParams, TokenSampler
+from distributed.shard import Stage
+
+log = logging.getLogger(__name__)
+
+OP_STOP, OP_IDLE, OP_START, OP_STEP, OP_END = range(5)
+
+
+class RequestError(ValueError):
+    """Work the cluster refuses (too long for the limits); nothing was started."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Header:
+    """Sent ahead of every message. `length` is tokens for STEP, payload bytes
+    for START and milliseconds for IDLE."""
+
+    op: int
+    seq: int = 0
+    length: int = 0
+    sample: int = 0
+
+    def encode(self) -> mx.array:
+        return mx.array([self.op, self.seq, self.length, self.sample], dtype=mx.int32)
+
+    @classmethod
+    def decode(cls, data: mx.array) -> "Header":
+        return cls(*data.tolist())
+
+
+HEADER_SHAPE = (4,)
+
+
+@dataclass
+class Sequence:
+    """One active sequence on this rank."""
+
+    cache: StageCache
+    sampler: Optional[TokenSampler]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-sequence token limits: MAX_SEQUENCE_LENGTH and what the KV budget holds."""
+
+    max_sequence_length: int
+    kv_capacity: Optional[int] = None
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        total = prompt_tokens + max_tokens
+        if prompt_tokens < 1:
+            raise RequestError("the prompt has no tokens", "invalid_prompt")
+        if total > self.max_sequence_length:
+            raise RequestError(
+                f"this request needs {total} tokens ({prompt_tokens} prompt + {max_tokens} "
+                f"to generate) but MAX_SEQUENCE_LENGTH is {self.max_sequence_length}",
+                "context_length_exceeded",
+            )
+        if self.kv_capacity is not None and total > self.kv_capacity:
+            raise RequestError(
+                f"this request needs {total} tokens of KV cache but "
+                f"KV_CACHE_RESERVED_MEMORY_MB holds {self.kv_capacity} tokens per sequence",
+                "kv_cache_exceeded",
+            )
+
+
+class Pipeline:
+    """This rank's part of the ring: rank 0 calls `generate`, the others `follow`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        group: mx.distributed.Group,
+        kv: KVSettings,
+        prefill_step_size: int,
+        limits: Limits,
+    ):
+        self.model = model
+        self.stage = stage
+        self.group = group
+        self.kv = kv
+        self.prefill_step_size = prefill_step_size
+        self.limits = limits
+        self.sequences: dict[int, Sequence] = {}
+        self._next_seq = 0
+
+    # Transport: neighbour-only, as the ring backend requires.
+
+    def _send(self, data: mx.array, dst: int) -> None:
+        mx.eval(mx.distributed.send(data, dst, group=self.group))
+
+    def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
+        data = mx.distributed.recv(shape, dtype, src, group=self.group)
+        mx.eval(data)
+        return data
+
+    def _broadcast(self, header: Header, payload: bytes = b"") -> None:
+        """Rank 0: start a message around the ring."""
+        if self.stage.size == 1:
+            return
+        self._send(header.encode(), self.stage.next_rank)
+        if payload:
+            self._send(mx.array(np.frombuffer(payload, dtype=np.uint8)), self.stage.next_rank)
+
+    def _receive(self) -> tuple[Header, bytes]:
+        """Other ranks: take the next message and pass it on (the last rank doesn't)."""
+        raw = self._recv(HEADER_SHAPE, mx.int32, self.stage.prev_rank)
+        header = Header.decode(raw)
+        forward = not self.stage.is_last
+        if forward:
+            self._send(raw, self.stage.next_rank)
+        payload = b""
+        if header.op == OP_START:
+            data = self._recv((header.length,), mx.uint8, self.stage.prev_rank)
+            if forward:
+                self._send(data, self.stage.next_rank)
+            payload = bytes(memoryview(data))
+        return header, payload
+
+    # The per-sequence table.
+
+    def _open(self, seq: int, work: dict) -> None:
+        sampler = None
+        if self.stage.is_last:
+            sampler = TokenSampler(SamplingParams(**work["params"]), work["prompt"])
+        cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv)
+        self.sequences[seq] = Sequence(cache, sampler)
+
+    def _close(self, seq: int) -> None:
+        self.sequences.pop(seq, None)
+
+    def _forward(self, header: Header, tokens: Optional[list[int]]) -> Optional[mx.array]:
+        """Run this stage for one step. The last stage samples when asked to and
+        returns the token; it also sends it to rank 0 when that is another rank."""
+        seq = self.sequences[header.seq]
+        ids = mx.array(tokens if tokens is not None else [0] * header.length, dtype=mx.int32)
+        out = self.model(ids[None], cache=seq.cache.view())
+        seq.cache.maybe_quantize()
+        if not (self.stage.is_last and header.sample):
+            # Prefill on the last stage: like mlx-lm, skip the logits nobody reads.
+            mx.eval(seq.cache.state if self.stage.is_last else [out, seq.cache.state])
+            return None
+        token = seq.sampler(out)
+        if self.stage.size > 1:
+            token = mx.distributed.send(token, self.stage.next_rank, group=self.group)
+        mx.eval(token, seq.cache.state)
+        return token
+
+    # Rank 0.
+
+    def _step(self, seq: int, tokens: list[int], sample: bool) -> Optional[int]:
+        header = Header(OP_STEP, seq, len(tokens), int(sample))
+        self._broadcast(header)
+        token = self._forward(header, tokens)
+        if not sample:
+            return None
+        if self.stage.size > 1:
+            token = self._recv((1,), mx.int32, self.stage.prev_rank)
+        return token.item()
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, max_tokens: int
+    ) -> Iterator[int]:
+        """Yield up to `max_tokens` token ids; the caller stops early (EOS, stop
+        strings, cancel) by closing the generator."""
+        self.limits.check(len(prompt), max_tokens)
+        seq = self._next_seq
+        self._next_seq += 1
+        work = {"prompt": prompt, "params": params.to_dict()}
+        payload = json.dumps(work).encode()
+        self._broadcast(Header(OP_START, seq, len(payload)), payload)
+        self._open(seq, work)
+        try:
+            rest = prompt
+            # Same chunking as mlx-lm's generate_step, so outputs match it exactly.
+            while len(rest) > 1:
+                n = min(self.prefill_step_size, len(rest) - 1)
+                self._step(seq, rest[:n], sample=False)
+                rest = rest[n:]
+            token = self._step(seq, rest, sample=True)
+            for produced in range(1, max_tokens + 1):
+                yield token
+                if produced == max_tokens:
+                    break
+                token = self._step(seq, [token], sample=True)
+        finally:
+            self._broadcast(Header(OP_END, seq))
+            self._close(seq)
+
+    def idle(self, seconds: float) -> None:
+        """Rank 0 with no work: tell the others to sleep rather than wait in a
+        receive, which both MLX backends busy-poll."""
+        self._broadcast(Header(OP_IDLE, length=int(seconds * 1000)))
+
+    def shutdown(self) -> None:
+        """Rank 0: release the other ranks from `follow`."""
+        self._broadcast(Header(OP_STOP))
+
+    # Other ranks.
+
+    def follow(self) -> None:
+        """Serve rank 0's messages until it says stop."""
+        while True:
+            header, payload = self._receive()
+            if header.op == OP_STOP:
+                return
+            if header.op == OP_IDLE:
+                time.sleep(header.length / 1000)
+            elif header.op == OP_START:
+                self._open(header.seq, json.loads(payload))
+            elif header.op == OP_STEP:
+                self._forward(header, None)
+            elif header.op == OP_END:
+                self._close(header.seq)

@@ -1,0 +1,48 @@
+"""Per-sequence sampling, built from mlx-lm's samplers and logits processors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What decides the next token; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TokenSampler:
+    """Samples one sequence's tokens the way mlx-lm's generate_step does."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int]):
+        self.sample: Callable[[mx.array], mx.array] = make_sampler(
+            temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
+        )
+        self.processors = make_logits_processors(repetition_penalty=params.repetition_penalty)
+        self.history = mx.array(prompt, dtype=mx.int32)
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """Next token (shape [1]) from the logits of the last position."""
+        logits = logits[:, -1, :]
+        for processor in self.processors:
+            logits = processor(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        token = self.sample(logprobs).astype(mx.int32)
+        if self.processors:
+            self.history = mx.concatenate([self.history, token])
+        return token
