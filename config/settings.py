@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     # KV cache
     kv_cache_max_size: Optional[int] = Field(None, ge=8)
     kv_cache_reserved_memory_mb: int = Field(2048, ge=1)
-    kv_bits: Optional[Literal[4, 8]] = None
-    kv_group_size: Literal[32, 64, 128] = 64
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
     quantized_kv_start: int = Field(5000, ge=0)
 
     # Cluster
@@ -65,6 +65,20 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _check_kv_bits(cls, value: Optional[int]) -> Optional[int]:
+        if value not in (None, 4, 8):
+            raise ValueError(f"must be empty (no quantization), 4 or 8; got {value}")
+        return value
+
+    @field_validator("kv_group_size")
+    @classmethod
+    def _check_group_size(cls, value: int) -> int:
+        if value not in (32, 64, 128):
+            raise ValueError(f"must be 32, 64 or 128; got {value}")
+        return value
 
     @field_validator("layer_split")
     @classmethod

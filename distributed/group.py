@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import logging
 import os
@@ -16,8 +17,20 @@ log = logging.getLogger(__name__)
 RECORD_BYTES = 1024
 
 
+def point_mlx_at_mpi() -> None:
+    """MLX opens `libmpi.so`, which only MPI's development package provides on
+    Debian; point it at the runtime library when that is all there is."""
+    if "MLX_MPI_LIBNAME" in os.environ or platform.system() != "Linux":
+        return
+    found = ctypes.util.find_library("mpi")
+    if found and found != "libmpi.so":
+        os.environ["MLX_MPI_LIBNAME"] = found
+
+
 def init_group(backend: str) -> mx.distributed.Group:
     """Join the group for `backend` ('any', 'ring', 'mpi', 'jaccl'); alone, a group of one."""
+    if backend in ("any", "mpi"):
+        point_mlx_at_mpi()
     group = mx.distributed.init(strict=False, backend=backend)
     log.info("joined group: rank %d of %d (backend %s)", group.rank(), group.size(), backend)
     return group

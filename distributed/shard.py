@@ -166,7 +166,25 @@ def local_model_path(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
 
 
-def fetch_stage_weights(model: str, path: Path, start: int, end: int) -> None:
+def stage_weight_files(weight_map: dict[str, str], stage: Stage) -> set[str]:
+    """The checkpoint files holding what `stage` keeps: its layers, the embedding
+    on the first stage, the final norm and head (or tied embedding) on the last."""
+    tied = not any(name.startswith("lm_head.") for name in weight_map)
+    files = set()
+    for name, file in weight_map.items():
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if match is not None:
+            needed = stage.start <= int(match.group(1)) < stage.end
+        elif "embed_tokens" in name:
+            needed = stage.is_first or (stage.is_last and tied)
+        else:
+            needed = stage.is_last
+        if needed:
+            files.add(file)
+    return files
+
+
+def fetch_stage_weights(model: str, path: Path, stage: Stage) -> None:
     """For a hub repo, download only the weight files that hold this stage's layers."""
     if Path(model).exists():
         return
@@ -177,11 +195,7 @@ def fetch_stage_weights(model: str, path: Path, start: int, end: int) -> None:
         snapshot_download(model, allow_patterns=["model*.safetensors"])
         return
     weight_map = json.loads(index_file.read_text())["weight_map"]
-    files = set()
-    for name, file in weight_map.items():
-        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        if match is None or start <= int(match.group(1)) < end:
-            files.add(file)
+    files = stage_weight_files(weight_map, stage)
     log.info("downloading %d of %d weight files", len(files), len(set(weight_map.values())))
     snapshot_download(model, allow_patterns=sorted(files))
 
@@ -245,7 +259,7 @@ def load_stage(
 ) -> tuple[nn.Module, dict]:
     """Build the model skeleton lazily, cut it to `stage`, then read only what is left."""
     path = path or local_model_path(model)
-    fetch_stage_weights(model, path, stage.start, stage.end)
+    fetch_stage_weights(model, path, stage)
     net, config = load_model(path, lazy=True, strict=False)
     check_supported(net)
     prune_to_stage(net, stage, group)

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models, the default model, and launching real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MLX_LAUNCH = str(Path(PYTHON).parent / "mlx.launch")
+
+# A prompt longer than gemma3's 16-token window and two 16-token prefill chunks.
+PROMPT = (
+    "The old lighthouse keeper counted 27 ships before noon, then wrote a long "
+    "letter to his sister about the weather, the gulls and the price of bread."
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def default_model(model_cache) -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), converted once per run."""
+    from models import resolve_model
+
+    return Path(resolve_model(None, model_cache))
+
+
+def _setting_names() -> set[str]:
+    from config import Settings
+
+    return {name.upper() for name in Settings.model_fields}
+
+
+SETTING_NAMES = _setting_names()
+
+
+def rank_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment for ranks: no developer `.env`, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
+    env["MLX_RING_ENV_FILE"] = os.devnull
+    env.update(extra)
+    return env
+
+
+def launch_command(ranks: int, backend: str, args: list[str]) -> list[str]:
+    """The command that starts `ranks` processes of server.py with `backend`."""
+    server = [PYTHON, str(REPO / "server.py"), *args]
+    if ranks == 1:
+        return server
+    if backend == "mpi":
+        # Local MPI ranks inherit mpirun's environment.
+        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), *server]
+    return [MLX_LAUNCH, "-n", str(ranks), "--backend", backend, "--", *server]
+
+
+def run_ranks(
+    ranks: int, backend: str, settings: dict[str, str], args: list[str], timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Run server.py on `ranks` real processes and wait for all of them."""
+    env = rank_env({"BACKEND": backend} | settings)
+    return subprocess.run(
+        launch_command(ranks, backend, args),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def generate_json(ranks: int, backend: str, settings: dict[str, str], args: list[str]) -> dict:
+    """One-shot generation on the ring; the JSON rank 0 printed."""
+    proc = run_ranks(ranks, backend, settings, [*args, "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@lru_cache(maxsize=4)
+def _load(path: str):
+    from mlx_lm import load
+
+    return load(path)
+
+
+def reference_tokens(path: Path, prompt: str, max_tokens: int, chat: bool = False, **kwargs) -> list[int]:
+    """Single-process mlx-lm output (greedy unless a sampler is given), stopping at EOS."""
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = _load(str(path))
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(prompt)
+    out = []
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens, **kwargs):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(token)
+    return out

@@ -1,0 +1,168 @@
+"""The ring's output equals single-process mlx-lm, token for token, on real ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import PROMPT, generate_json, reference_tokens, run_ranks
+from tiny_models import ARCHITECTURES
+
+from distributed.shard import Stage, stage_weight_files
+
+MAX_TOKENS = 24
+# Chunked prefill: the prompt spans several chunks, as mlx-lm would do them.
+CHUNKED = {"PREFILL_STEP_SIZE": "16"}
+LAUNCHES = [(2, "mpi"), (3, "mpi"), (2, "ring")]
+
+
+@pytest.mark.parametrize("ranks,backend", LAUNCHES, ids=lambda v: str(v))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ring_matches_mlx_lm(tiny_models, arch, ranks, backend):
+    path = tiny_models[arch]
+    expected = reference_tokens(path, PROMPT, MAX_TOKENS, prefill_step_size=16)
+    out = generate_json(
+        ranks, backend, {"MODEL_REPO": str(path)} | CHUNKED, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)]
+    )
+    assert out["token_ids"] == expected
+    assert [r["layers"] for r in out["ranks"]][0][0] == 0
+
+
+def test_group_of_one_matches_mlx_lm(tiny_models):
+    path = tiny_models["qwen3"]
+    out = generate_json(1, "any", {"MODEL_REPO": str(path)}, ["--prompt", PROMPT, "--max-tokens", "16", "--chat"])
+    assert out["token_ids"] == reference_tokens(path, PROMPT, 16, chat=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_uneven_split(tiny_models, arch):
+    path = tiny_models[arch]
+    out = generate_json(
+        3, "mpi", {"MODEL_REPO": str(path), "LAYER_SPLIT": "1,2,3"} | CHUNKED, ["--prompt", PROMPT, "--max-tokens", "16"]
+    )
+    assert [r["layers"] for r in out["ranks"]] == [[0, 1], [1, 3], [3, 6]]
+    assert out["token_ids"] == reference_tokens(path, PROMPT, 16, prefill_step_size=16)
+
+
+def test_memory_split(tiny_models):
+    path = tiny_models["mistral"]
+    out = generate_json(2, "mpi", {"MODEL_REPO": str(path), "LAYER_SPLIT": "memory"}, ["--prompt", PROMPT, "--max-tokens", "16"])
+    layers = [r["layers"] for r in out["ranks"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 6 and all(b > a for a, b in layers)
+    assert out["token_ids"] == reference_tokens(path, PROMPT, 16)
+
+
+def expected_parameter_bytes(path: Path, start: int, end: int, first: bool, last: bool) -> int:
+    """Bytes of the checkpoint tensors a stage should hold."""
+    import mlx.core as mx
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for file in set(index.values()):
+        tensors.update(mx.load(str(path / file)))
+    tied = "lm_head.weight" not in tensors
+    total = 0
+    for name, value in tensors.items():
+        parts = name.split(".")
+        if "layers" in parts:
+            keep = start <= int(parts[parts.index("layers") + 1]) < end
+        elif "embed_tokens" in name:
+            keep = first or (last and tied)
+        else:  # final norm and lm_head
+            keep = last
+        total += value.nbytes if keep else 0
+    return total
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_each_rank_loads_only_its_share(tiny_models, arch):
+    path = tiny_models[arch]
+    out = generate_json(3, "mpi", {"MODEL_REPO": str(path)}, ["--prompt", "hi", "--max-tokens", "2"])
+    for r in out["ranks"]:
+        start, end = r["layers"]
+        first, last = r["rank"] == 0, r["rank"] == len(out["ranks"]) - 1
+        assert r["parameter_bytes"] == expected_parameter_bytes(path, start, end, first, last)
+
+
+def test_stage_weight_files_pick_only_local_layers(tiny_models):
+    index = json.loads((tiny_models["llama"] / "model.safetensors.index.json").read_text())["weight_map"]
+    first, second = sorted(set(index.values()))  # layers 0-2 + embedding, layers 3-5 + norm
+    assert stage_weight_files(index, Stage(0, 3, 0, 2)) == {first}
+    assert stage_weight_files(index, Stage(1, 3, 3, 5)) == {second}
+    # llama ties its head to the embedding, so the last stage needs it too.
+    assert stage_weight_files(index, Stage(2, 3, 5, 6)) == {first, second}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_rotating_kv_cache_matches_mlx_lm(tiny_models, arch):
+    path = tiny_models[arch]
+    settings = {"MODEL_REPO": str(path), "KV_CACHE_MAX_SIZE": "24"} | CHUNKED
+    out = generate_json(2, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", "30"])
+    expected = reference_tokens(path, PROMPT, 30, prefill_step_size=16, max_kv_size=24)
+    assert out["token_ids"] == expected
+    assert out["token_ids"] != reference_tokens(path, PROMPT, 30, prefill_step_size=16)
+
+
+def test_quantized_kv_cache_matches_mlx_lm(default_model):
+    settings = {"MODEL_REPO": str(default_model), "KV_BITS": "4", "KV_GROUP_SIZE": "64", "QUANTIZED_KV_START": "8"}
+    prompt = "Write one sentence about the sea."
+    out = generate_json(2, "mpi", settings, ["--prompt", prompt, "--chat", "--max-tokens", "16"])
+    expected = reference_tokens(default_model, prompt, 16, chat=True, kv_bits=4, kv_group_size=64, quantized_kv_start=8)
+    assert out["token_ids"] == expected
+
+
+def test_seeded_sampling_is_reproducible(tiny_models):
+    settings = {"MODEL_REPO": str(tiny_models["llama"])}
+    args = ["--prompt", PROMPT, "--max-tokens", "20", "--temperature", "1.0", "--top-k", "50"]
+    first = generate_json(2, "mpi", settings, [*args, "--seed", "7"])
+    again = generate_json(2, "mpi", settings, [*args, "--seed", "7"])
+    other = generate_json(2, "mpi", settings, [*args, "--seed", "8"])
+    assert first["token_ids"] == again["token_ids"]
+    assert first["token_ids"] != other["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "settings,ranks,named",
+    [
+        ({"KV_BITS": "3"}, 1, "KV_BITS"),
+        ({"BACKEND": "tcp"}, 1, "BACKEND"),
+        ({"LAYER_SPLIT": "two"}, 1, "LAYER_SPLIT"),
+        ({"LAYER_SPLIT": "1,1"}, 3, "LAYER_SPLIT"),
+        ({"LAYER_SPLIT": "1,2,2"}, 3, "LAYER_SPLIT"),
+        ({"PREFILL_STEP_SIZE": "0"}, 1, "PREFILL_STEP_SIZE"),
+    ],
+)
+def test_bad_settings_fail_naming_the_variable(tiny_models, settings, ranks, named):
+    backend = settings.get("BACKEND", "mpi")
+    proc = run_ranks(ranks, backend, {"MODEL_REPO": str(tiny_models["qwen2"])} | settings, ["--prompt", "hi"], timeout=120)
+    assert proc.returncode != 0
+    assert named in proc.stderr
+
+
+def test_more_ranks_than_layers_is_a_clear_error(tmp_path):
+    from tiny_models import make_tiny_model
+
+    path = make_tiny_model("qwen2", tmp_path / "two-layers", num_layers=2)
+    proc = run_ranks(3, "mpi", {"MODEL_REPO": str(path)}, ["--prompt", "hi"], timeout=120)
+    assert proc.returncode != 0
+    assert "3 ranks but the model has only 2 layers" in proc.stderr
+
+
+def test_unsupported_architecture_lists_supported(tiny_models, tmp_path):
+    import shutil
+
+    path = tmp_path / "olmo2"
+    shutil.copytree(tiny_models["qwen2"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "olmo2"}))
+    proc = run_ranks(1, "any", {"MODEL_REPO": str(path)}, ["--prompt", "hi"], timeout=120)
+    assert proc.returncode != 0
+    assert "'olmo2' is not supported" in proc.stderr and "gemma3_text" in proc.stderr
+
+
+def test_too_long_prompt_is_refused_and_every_rank_exits(tiny_models):
+    settings = {"MODEL_REPO": str(tiny_models["llama"]), "MAX_SEQUENCE_LENGTH": "20"}
+    proc = run_ranks(2, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", "4"], timeout=120)
+    assert proc.returncode != 0
+    assert "MAX_SEQUENCE_LENGTH is 20" in proc.stderr

@@ -1,0 +1,301 @@
+"""Tiny random-weight mlx-lm models for tests.
+
+`make_tiny_model(arch, out_dir)` writes a complete model directory (config,
+two safetensors shards plus index, a real byte-level BPE tokenizer with a
+ChatML chat template) that `mlx_lm.load` accepts in strict mode.
+
+Also runnable as a script:
+
+    python tests/tiny_models.py OUT_DIR [ARCH...]
+
+which writes OUT_DIR/<arch> for each ARCH (default: all of ARCHITECTURES).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
+
+HIDDEN_SIZE = 64
+NUM_HEADS = 4
+NUM_KV_HEADS = 2
+HEAD_DIM = 16
+INTERMEDIATE_SIZE = 128
+VOCAB_SIZE = 512
+NUM_SHARDS = 2
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EOS_TOKEN = "<|im_end|>"
+EOS_TOKEN_ID = SPECIAL_TOKENS.index(EOS_TOKEN)
+PAD_TOKEN = "<|endoftext|>"
+
+ENGLISH_TEXT = Path(__file__).parent / "data" / "english.txt"
+
+# Same split regex as transformers' Qwen2Tokenizer (see tokenizer_json).
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Init scales, tuned by eye so greedy decoding of a random model wanders over
+# the vocabulary instead of looping on one token. Linear weights get
+# LINEAR_GAIN / sqrt(fan_in) (std 0.18-0.25 here); with gain 1 the blocks add
+# too little to the embedding and tied models just predict their input token.
+EMBED_STD = 1.0
+LINEAR_GAIN = 2.0
+BIAS_STD = 0.1
+NORM_JITTER = 0.1
+
+# mlx-lm module implementing each model_type (mlx-lm maps mistral to llama).
+_MODULES = {arch: arch for arch in ARCHITECTURES} | {"mistral": "llama"}
+
+_COMMON_CONFIG = {
+    "hidden_size": HIDDEN_SIZE,
+    "intermediate_size": INTERMEDIATE_SIZE,
+    "num_attention_heads": NUM_HEADS,
+    "num_key_value_heads": NUM_KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "vocab_size": VOCAB_SIZE,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "bos_token_id": None,
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
+}
+
+# Per-arch settings chosen to cover different code paths (tied vs separate
+# head, attention bias, q/k norms, sliding windows, fused projections).
+_ARCH_CONFIG: dict[str, dict] = {
+    "llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+    },
+    "mistral": {
+        "architectures": ["MistralForCausalLM"],
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+    },
+    "gemma3_text": {
+        "architectures": ["Gemma3ForCausalLM"],
+        # mlx-lm ties gemma3_text when lm_head.weight is absent from the files.
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": HEAD_DIM,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        # Layers 2 and 5 (of 6) are global, the rest slide over 16 tokens,
+        # so a ~40 token prompt exercises both mask kinds and RotatingKVCache.
+        "sliding_window": 16,
+        "sliding_window_pattern": 3,
+    },
+    "phi3": {
+        "architectures": ["Phi3ForCausalLM"],
+        "tie_word_embeddings": False,
+        "rope_scaling": None,
+        "original_max_position_embeddings": 2048,
+    },
+}
+
+
+def model_config(arch: str, num_layers: int = 6, dtype: str = "float32") -> dict:
+    """The config.json contents for `arch`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+    config = {"model_type": arch, **_COMMON_CONFIG, **_ARCH_CONFIG[arch]}
+    config["num_hidden_layers"] = num_layers
+    config["torch_dtype"] = dtype
+    return config
+
+
+def _build_model(config: dict) -> nn.Module:
+    """Instantiate the mlx-lm Model class so parameter names and shapes match it."""
+    module = importlib.import_module(f"mlx_lm.models.{_MODULES[config['model_type']]}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    if config["model_type"] == "gemma3_text":
+        # Same effect as its sanitize() when lm_head.weight is absent.
+        model.tie_word_embeddings = True
+        model.pop("lm_head")
+    return model
+
+
+def _param_key(seed: int, name: str) -> mx.array:
+    """A PRNG key per parameter, so values don't depend on creation order or layer count."""
+    return mx.random.key(zlib.crc32(f"{seed}:{name}".encode()))
+
+
+def _init_param(arch: str, name: str, shape: tuple[int, ...], seed: int) -> mx.array:
+    """Random value for one parameter, scaled by its role."""
+    noise = mx.random.normal(shape, key=_param_key(seed, name))
+    if name.endswith("norm.weight"):
+        # Around 1 for every arch. Gemma's RMSNorm scales by (1 + weight), so
+        # it gets ~2, which enlarges its sandwich-normed block outputs relative
+        # to the embedding; at scale ~1 its greedy output looped on one or two tokens.
+        # Jitter makes a loader that drops or swaps norm weights visible.
+        return 1.0 + NORM_JITTER * noise
+    if "embed_tokens" in name:
+        # Gemma multiplies embeddings by sqrt(hidden_size) in the forward pass;
+        # a further 0.5 stopped its greedy output settling into a one-token
+        # loop within 200 tokens (seen for seed 0 at 1.0).
+        scale = 0.5 * HIDDEN_SIZE**-0.5 if arch == "gemma3_text" else 1.0
+        return scale * EMBED_STD * noise
+    if name.endswith(".bias"):
+        return BIAS_STD * noise
+    return (LINEAR_GAIN / shape[-1] ** 0.5) * noise
+
+
+def random_weights(arch: str, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32") -> dict[str, mx.array]:
+    """HF-named random weights for `arch`, sorted by name."""
+    model = _build_model(model_config(arch, num_layers, dtype))
+    shapes = {name: p.shape for name, p in tree_flatten(model.parameters())}
+    target = getattr(mx, dtype)
+    weights = {n: _init_param(arch, n, shapes[n], seed).astype(target) for n in sorted(shapes)}
+    mx.eval(weights)
+    return weights
+
+
+def shard_index(name: str, num_layers: int) -> int:
+    """Which shard holds `name`: embeddings + first half of layers, then the rest + norm/head."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    if match:
+        return 0 if int(match[1]) < (num_layers + 1) // 2 else 1
+    return 0 if "embed_tokens" in name else 1
+
+
+def _shard_file(i: int) -> str:
+    return f"model-{i + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
+
+
+def _write_weights(weights: dict[str, mx.array], out_dir: Path, num_layers: int) -> None:
+    """Save weights as NUM_SHARDS safetensors files plus model.safetensors.index.json."""
+    shards: list[dict[str, mx.array]] = [{} for _ in range(NUM_SHARDS)]
+    for name, value in weights.items():
+        shards[shard_index(name, num_layers)][name] = value
+    for i, shard in enumerate(shards):
+        mx.save_safetensors(str(out_dir / _shard_file(i)), shard, metadata={"format": "mlx"})
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values()), "format": "mlx"},
+        "weight_map": {n: _shard_file(shard_index(n, num_layers)) for n in weights},
+    }
+    _write_json(out_dir / "model.safetensors.index.json", index)
+
+
+@lru_cache(maxsize=1)
+def tokenizer_json() -> str:
+    """Train a byte-level BPE tokenizer of VOCAB_SIZE tokens on tests/data/english.txt."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    # Qwen2-style normalizer and pre-tokenizer (digits split one by one):
+    # transformers forces its Qwen2Tokenizer, which rebuilds exactly these, on
+    # model_type qwen2, so using them everywhere makes all archs tokenize alike.
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        # The full byte alphabet lets any text round-trip, not just the training text.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(ENGLISH_TEXT.read_text().splitlines(), trainer)
+    # The model's vocab_size is fixed; ids beyond the tokenizer would decode to nothing.
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
+    return tokenizer.to_str()
+
+
+def _write_tokenizer(out_dir: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+    (out_dir / "tokenizer.json").write_text(tokenizer_json())
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 2048,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != PAD_TOKEN],
+        },
+    )
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def make_tiny_model(arch: str, out_dir: Path, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write an mlx-lm model directory for `arch` into out_dir and return it."""
+    if arch == "gemma3_text" and num_layers < _ARCH_CONFIG[arch]["sliding_window_pattern"]:
+        raise ValueError("gemma3_text needs num_layers >= sliding_window_pattern (3)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model_config(arch, num_layers, dtype)
+    weights = random_weights(arch, num_layers=num_layers, seed=seed, dtype=dtype)
+    _write_json(out_dir / "config.json", config)
+    _write_weights(weights, out_dir, num_layers)
+    _write_tokenizer(out_dir)
+    return out_dir
+
+
+def main(argv: list[str]) -> int:
+    """CLI: tiny_models.py OUT_DIR [ARCH...] writes OUT_DIR/<arch> for each arch."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    out_root, archs = Path(argv[0]), argv[1:] or list(ARCHITECTURES)
+    for arch in archs:
+        print(make_tiny_model(arch, out_root / arch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
