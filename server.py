@@ -9,15 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 
 from config import SettingsError, load_settings
 from distributed.cluster import Cluster, start_cluster
 from distributed.group import init_group
 from distributed.pipeline import RequestError
 from distributed.sampling import SamplingParams
+from models import DEFAULT_MODEL_NAME
+from spool import Spool
+from text_stream import TextStream
 
 log = logging.getLogger("server")
+
+HEARTBEAT_EVERY = 1.0  # seconds between heartbeats while serving
+PURGE_EVERY = 60.0  # seconds between sweeps of finished requests
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,14 +71,19 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
     )
     tokens: list[int] = []
     finish_reason = "length"
+    prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
-        steps = cluster.pipeline.generate(encode_prompt(tokenizer, args.prompt, args.chat), params, max_tokens)
+        started = time.perf_counter()
+        steps = cluster.pipeline.generate(prompt, params, max_tokens)
         for token in steps:
+            if not tokens:
+                first_token_at = time.perf_counter()
             if token in tokenizer.eos_token_ids:
                 finish_reason = "stop"
                 break
             tokens.append(token)
         steps.close()
+        finished = time.perf_counter()
     except RequestError as err:
         log.error("request refused: %s", err)
         return 2
@@ -78,10 +91,145 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
         cluster.pipeline.shutdown()
     text = tokenizer.decode(tokens)
     if args.json:
-        print(json.dumps({"text": text, "token_ids": tokens, "finish_reason": finish_reason}))
+        timings = {
+            "prompt_tokens": len(prompt),
+            "time_to_first_token": first_token_at - started,
+            # Tokens after the first, over the time they took: decode speed alone.
+            "decode_tokens_per_second": max(len(tokens) - 1, 0) / max(finished - first_token_at, 1e-9),
+        }
+        result = {"text": text, "token_ids": tokens, "finish_reason": finish_reason, "timings": timings}
+        print(json.dumps(result | {"ranks": cluster.ranks}))
     else:
         print(text)
     return 0
+
+
+class Serving:
+    """Rank 0 in serve mode: spool in, ring, spool out."""
+
+    def __init__(self, cluster: Cluster, settings, spool: Spool):
+        self.cluster = cluster
+        self.settings = settings
+        self.spool = spool
+        self.model = served_model_name(settings)
+        self.stopping = False
+        self.active = 0
+        self.next_heartbeat = 0.0
+        self.next_purge = 0.0
+
+    def heartbeat(self, state: str = "ready") -> None:
+        now = time.monotonic()
+        if state == "ready" and now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + HEARTBEAT_EVERY
+        self.spool.write_heartbeat(
+            {"state": state, "model": self.model, "active": self.active, "ranks": self.cluster.ranks}
+        )
+        if now >= self.next_purge:
+            self.next_purge = now + PURGE_EVERY
+            self.spool.purge(self.settings.spool_retention)
+
+    def run(self) -> int:
+        requeued = self.spool.requeue_claimed()
+        if requeued:
+            log.info("requeued %d requests left unfinished by the last run", len(requeued))
+        poll = self.settings.poll_interval
+        while not self.stopping:
+            self.heartbeat()
+            job = self.spool.claim()
+            if job is None:
+                # Idle: the other ranks sleep instead of busy-polling a receive.
+                self.cluster.pipeline.idle(poll)
+                self.spool.wait_for_work(poll)
+                continue
+            self.handle(*job)
+        log.info("stopping")
+        self.heartbeat("stopped")
+        self.cluster.pipeline.shutdown()
+        return 0
+
+    def handle(self, request_id: str, request: dict) -> None:
+        """Generate one request into its stream; cancellation and stops end it early."""
+        log.info("request %s: %d prompt tokens", request_id, len(request["prompt_tokens"]))
+        tokenizer = self.cluster.tokenizer
+        stream = TextStream(tokenizer, request.get("stop") or [])
+        params = SamplingParams(
+            temperature=request.get("temperature", 0.0),
+            top_p=request.get("top_p", 1.0),
+            top_k=request.get("top_k", 0),
+            min_p=request.get("min_p", 0.0),
+            repetition_penalty=request.get("repetition_penalty"),
+            seed=request.get("seed"),
+        )
+        prompt = request["prompt_tokens"]
+        completion, finish_reason = 0, "length"
+        started = time.perf_counter()
+        first_token = None
+        self.active = 1
+        steps = self.cluster.pipeline.generate(prompt, params, request["max_tokens"])
+        try:
+            for token in steps:
+                first_token = first_token or time.perf_counter()
+                if self.spool.is_cancelled(request_id) or self.stopping:
+                    finish_reason = "cancelled"
+                    break
+                if token in tokenizer.eos_token_ids:
+                    finish_reason = "stop"
+                    break
+                completion += 1
+                text, hit = stream.add(token)
+                if text or hit:
+                    self.spool.append(request_id, {"type": "delta", "text": text, "token_ids": [token]})
+                if hit:
+                    finish_reason = "stop"
+                    break
+                self.heartbeat()
+        except RequestError as err:
+            log.info("request %s refused: %s", request_id, err)
+            self.spool.finish(request_id, {"type": "error", "message": str(err), "code": err.code, "status": 400})
+            return
+        finally:
+            steps.close()
+            self.active = 0
+        if self.stopping:
+            return  # left claimed: the next start serves it again
+        if finish_reason != "stop":
+            tail = stream.finish()
+            if tail:
+                self.spool.append(request_id, {"type": "delta", "text": tail, "token_ids": []})
+        elapsed = time.perf_counter() - started
+        self.spool.finish(
+            request_id,
+            {
+                "type": "final",
+                "finish_reason": finish_reason,
+                "usage": {
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": completion,
+                    "total_tokens": len(prompt) + completion,
+                },
+                "timings": {
+                    "time_to_first_token": (first_token or time.perf_counter()) - started,
+                    "total": elapsed,
+                },
+            },
+        )
+        log.info("request %s: %s after %d tokens in %.2fs", request_id, finish_reason, completion, elapsed)
+
+
+def served_model_name(settings) -> str:
+    return settings.model_repo or DEFAULT_MODEL_NAME
+
+
+def serve(cluster: Cluster, settings, spool: Spool) -> int:
+    serving = Serving(cluster, settings, spool)
+
+    def stop(signum, frame):
+        serving.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return serving.run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,18 +241,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     group = init_group(settings.backend)
     setup_logging(settings.log_level, group.rank())
+    spool = None
+    if args.prompt is None and group.rank() == 0:
+        spool = Spool(settings.spool_dir)
+        spool.write_heartbeat({"state": "loading", "model": served_model_name(settings)})
     try:
         cluster = start_cluster(settings, group)
     except ValueError as err:
         log.error("%s", err)
+        if spool is not None:
+            spool.write_heartbeat({"state": "failed", "reason": str(err)})
         return 2
-    if args.prompt is None:
-        log.error("serve mode comes with the spool; pass --prompt")
-        return 2
-    if cluster.stage.is_first:
+    if not cluster.stage.is_first:
+        cluster.pipeline.follow()
+        return 0
+    if args.prompt is not None:
         return run_once(cluster, args, args.max_tokens or settings.default_max_tokens)
-    cluster.pipeline.follow()
-    return 0
+    return serve(cluster, settings, spool)
 
 
 if __name__ == "__main__":

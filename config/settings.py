@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("model_cache_dir", "spool_dir")
+    @classmethod
+    def _resolve_dir(cls, value: Path) -> Path:
+        # Relative to the repo, so every process (and launch.sh) agrees on it.
+        return (REPO_DIR / Path(value).expanduser()).resolve()
+
     @field_validator("kv_bits")
     @classmethod
     def _check_kv_bits(cls, value: Optional[int]) -> Optional[int]:
