@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from config import SettingsError, load_settings
 from distributed.cluster import Cluster, start_cluster
@@ -40,13 +41,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--json", action="store_true", help="print text and token ids as JSON")
+    parser.add_argument("--log-file", help="also log to this file; {rank} becomes the rank number")
     return parser.parse_args(argv)
 
 
-def setup_logging(level: str, rank: int) -> None:
+def setup_logging(level: str, rank: int, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        path = Path(log_file.format(rank=rank))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
     logging.basicConfig(
         level=level,
-        stream=sys.stderr,
+        handlers=handlers,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
 
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-ring: {err}", file=sys.stderr)
         return 2
     group = init_group(settings.backend)
-    setup_logging(settings.log_level, group.rank())
+    setup_logging(settings.log_level, group.rank(), args.log_file)
     spool = None
     if args.prompt is None and group.rank() == 0:
         spool = Spool(settings.spool_dir)
