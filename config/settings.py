@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     layer_split: str = "even"
 
     # Spool and API
-    spool_dir: Path = REPO_DIR / "spool"
+    spool_dir: Path = REPO_DIR / "run" / "spool"
     poll_interval: float = Field(0.05, gt=0, le=5)
     spool_retention: float = Field(3600.0, ge=0)
     heartbeat_timeout: float = Field(10.0, gt=0)

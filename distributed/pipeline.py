@@ -215,8 +215,11 @@ class Pipeline:
 
     def idle(self, seconds: float) -> None:
         """Rank 0 with no work: tell the others to sleep rather than wait in a
-        receive, which both MLX backends busy-poll."""
+        receive, which both MLX backends busy-poll. The last rank acknowledges,
+        so idle messages never pile up behind a sleeping rank."""
         self._broadcast(Header(OP_IDLE, length=int(seconds * 1000)))
+        if self.stage.size > 1:
+            self._recv((1,), mx.int32, self.stage.prev_rank)
 
     def shutdown(self) -> None:
         """Rank 0: release the other ranks from `follow`."""
@@ -231,6 +234,8 @@ class Pipeline:
             if header.op == OP_STOP:
                 return
             if header.op == OP_IDLE:
+                if self.stage.is_last:
+                    self._send(mx.array([header.op], dtype=mx.int32), self.stage.next_rank)
                 time.sleep(header.length / 1000)
             elif header.op == OP_START:
                 self._open(header.seq, json.loads(payload))

@@ -1,0 +1,251 @@
+"""A crash-safe request queue in a directory, shared by the HTTP front and rank 0.
+
+Layout under the root (directories 0700, files 0600):
+
+    incoming/<id>.json   submitted, waiting for rank 0
+    claimed/<id>.json    taken by rank 0, being generated
+    done/<id>.json       finished (final or error event written)
+    streams/<id>.jsonl   the request's events, one JSON object a line
+    cancel/<id>          cancel marker
+    tmp/                 files being written, renamed into place when complete
+    heartbeat.json       rank 0's latest status
+
+A request moves between incoming/, claimed/ and done/ only by rename, which is atomic,
+so it is always in exactly one of them. Ids are made here, sort by submission time and
+are checked against a strict pattern before any path is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+from spool.notify import DirWatch, watch_dir
+
+_ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_FALLBACK_POLL = 0.005  # seconds between looks at incoming/ without inotify
+_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp")
+_TERMINAL = ("final", "error")
+
+
+def check_id(request_id: str) -> str:
+    """Return `request_id` if it is a well-formed spool id, else raise ValueError."""
+    if not isinstance(request_id, str) or not _ID_RE.fullmatch(request_id):
+        raise ValueError(f"invalid request id: {request_id!r}")
+    return request_id
+
+
+def _new_id() -> str:
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool directory; every method is safe to call from several processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for path in (self.root, *(self.root / d for d in _SUBDIRS)):
+            path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(path, _DIR_MODE)  # mkdir's mode is masked by umask; an old dir keeps its own
+        self._incoming = self.root / "incoming"
+        self._claimed = self.root / "claimed"
+        self._done = self.root / "done"
+        self._streams = self.root / "streams"
+        self._cancel = self.root / "cancel"
+        self._tmp = self.root / "tmp"
+        self._heartbeat = self.root / "heartbeat.json"
+        self._watch: DirWatch | None | bool = False  # False: not tried yet
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _stream(self, request_id: str) -> Path:
+        return self._streams / f"{check_id(request_id)}.jsonl"
+
+    def _write_atomic(self, dest: Path, data: bytes, durable: bool) -> None:
+        """Write `data` to a temp file, then rename it to `dest`; fsync when `durable`."""
+        tmp = self._tmp / f"{_new_id()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        try:
+            os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+        if durable:
+            _fsync_dir(dest.parent)  # the rename itself must survive a power cut
+
+    def _ids(self, directory: Path) -> list[str]:
+        """Ids of the requests in `directory`, oldest first; stray files are ignored."""
+        ids = [n[:-5] for n in os.listdir(directory) if n.endswith(".json")]
+        return sorted(i for i in ids if _ID_RE.fullmatch(i))
+
+    def _last_event(self, request_id: str) -> dict | None:
+        events, _ = self.read_events(request_id)
+        return events[-1] if events else None
+
+    # -- front side ------------------------------------------------------------
+
+    def submit(self, request: dict) -> str:
+        """Queue `request` durably; return its new id."""
+        request_id = _new_id()
+        data = json.dumps(request, separators=(",", ":")).encode()
+        self._write_atomic(self._incoming / f"{request_id}.json", data, durable=True)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Mark the request cancelled; one still waiting is withdrawn and finished here."""
+        marker = self._cancel / check_id(request_id)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+        try:
+            # Rename wins or loses atomically against claim(): never both.
+            os.rename(self._incoming / f"{request_id}.json", self._done / f"{request_id}.json")
+        except FileNotFoundError:
+            return  # claimed (rank 0 sees the marker) or already done
+        request = json.loads((self._done / f"{request_id}.json").read_bytes())
+        prompt = len(request.get("prompt_tokens", []))
+        usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+        final = {"type": "final", "finish_reason": "cancelled", "usage": usage, "timings": {}}
+        self.append(request_id, final)
+        os.utime(self._done / f"{request_id}.json")
+
+    def read_events(self, request_id: str, offset: int = 0) -> tuple[list[dict], int]:
+        """Complete event lines from byte `offset`; a partial last line waits for its end."""
+        try:
+            with open(self._stream(request_id), "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return [], offset
+        end = data.rfind(b"\n") + 1
+        events = [json.loads(line) for line in data[:end].splitlines() if line]
+        return events, offset + end
+
+    def watch_streams(self) -> DirWatch | None:
+        """A watch whose changed() names the requests with new events (None without inotify)."""
+        return watch_dir(self._streams, writes=True)
+
+    def queue_depth(self) -> int:
+        """Requests waiting in incoming/."""
+        return len(self._ids(self._incoming))
+
+    def read_heartbeat(self) -> dict | None:
+        """Rank 0's latest heartbeat, or None if there is none (or it is unreadable)."""
+        try:
+            info = json.loads(self._heartbeat.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    # -- rank-0 side -----------------------------------------------------------
+
+    def claim(self) -> tuple[str, dict] | None:
+        """Take the oldest waiting request into claimed/; None if there is none."""
+        for request_id in self._ids(self._incoming):
+            dest = self._claimed / f"{request_id}.json"
+            try:
+                os.rename(self._incoming / f"{request_id}.json", dest)
+            except FileNotFoundError:
+                continue  # withdrawn by cancel() or taken by another claimer
+            try:
+                return request_id, json.loads(dest.read_bytes())
+            except ValueError as err:
+                self.finish(request_id, {"type": "error", "message": f"unreadable request: {err}",
+                                         "code": "bad_request_file", "status": 500})
+        return None
+
+    def requeue_claimed(self) -> list[str]:
+        """Put requests left in claimed/ by a dead rank 0 back in incoming/; return their ids.
+
+        One whose final event was written already only missed its move to done/.
+        """
+        requeued = []
+        for request_id in self._ids(self._claimed):
+            last = self._last_event(request_id)
+            if last is not None and last.get("type") in _TERMINAL:
+                os.rename(self._claimed / f"{request_id}.json", self._done / f"{request_id}.json")
+                continue
+            # The marker precedes the rename so readers see it before any new output.
+            self.append(request_id, {"type": "requeued"})
+            os.rename(self._claimed / f"{request_id}.json", self._incoming / f"{request_id}.json")
+            requeued.append(request_id)
+        return requeued
+
+    def append(self, request_id: str, event: dict) -> None:
+        """Append one event line; a single O_APPEND write, visible to readers at once."""
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        fd = os.open(self._stream(request_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def finish(self, request_id: str, event: dict) -> None:
+        """Append the final (or error) event, then move the request to done/."""
+        self.append(request_id, event)
+        done = self._done / f"{request_id}.json"
+        os.rename(self._claimed / f"{request_id}.json", done)
+        os.utime(done)  # purge() ages requests from when they finished
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return (self._cancel / check_id(request_id)).exists()
+
+    def write_heartbeat(self, info: dict) -> None:
+        """Replace heartbeat.json atomically; `time` defaults to now."""
+        data = json.dumps({"time": time.time(), **info}, separators=(",", ":")).encode()
+        self._write_atomic(self._heartbeat, data, durable=False)
+
+    def purge(self, retention_s: float) -> int:
+        """Delete finished requests older than `retention_s`, with their streams and markers.
+
+        Also drops orphan cancel markers and temp files of that age. Returns requests removed.
+        """
+        cutoff = time.time() - retention_s
+        removed = 0
+        for request_id in self._ids(self._done):
+            done = self._done / f"{request_id}.json"
+            if done.stat().st_mtime >= cutoff:
+                continue
+            for path in (self._stream(request_id), self._cancel / request_id, done):
+                path.unlink(missing_ok=True)
+            removed += 1
+        pending = {*self._ids(self._incoming), *self._ids(self._claimed)}
+        strays = [p for p in self._cancel.iterdir() if p.name not in pending]
+        for path in (*strays, *self._tmp.iterdir()):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass  # removed meanwhile by another process
+        return removed
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a request in incoming/; True as soon as there is one."""
+        if self._watch is False:
+            # Watch before looking, so a submit between the look and the wait still wakes us.
+            self._watch = watch_dir(self._incoming)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.queue_depth():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._watch is None:
+                time.sleep(min(left, _FALLBACK_POLL))
+            else:
+                self._watch.wait(left)
