@@ -169,7 +169,7 @@ class Serving:
             seed=request.get("seed"),
         )
         prompt = request["prompt_tokens"]
-        completion, finish_reason = 0, "length"
+        completion, finish_reason, stop_text_hit = 0, "length", False
         started = time.perf_counter()
         first_token = None
         self.active = 1
@@ -188,7 +188,7 @@ class Serving:
                 if text or hit:
                     self.spool.append(request_id, {"type": "delta", "text": text, "token_ids": [token]})
                 if hit:
-                    finish_reason = "stop"
+                    finish_reason, stop_text_hit = "stop", True
                     break
                 self.heartbeat()
         except RequestError as err:
@@ -200,7 +200,8 @@ class Serving:
             self.active = 0
         if self.stopping:
             return  # left claimed: the next start serves it again
-        if finish_reason != "stop":
+        if not stop_text_hit:
+            # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = stream.finish()
             if tail:
                 self.spool.append(request_id, {"type": "delta", "text": tail, "token_ids": []})

@@ -155,40 +155,57 @@ class Pipeline:
     def _close(self, seq: int) -> None:
         self.sequences.pop(seq, None)
 
-    def _forward(self, header: Header, tokens: Optional[list[int]]) -> Optional[mx.array]:
-        """Run this stage for one step. The last stage samples when asked to and
-        returns the token; it also sends it to rank 0 when that is another rank."""
+    def _run(self, header: Header, ids: mx.array) -> list:
+        """Build this stage's graph for one step; returns what to evaluate. The
+        last stage samples when asked to; its token (last in the list) also goes
+        to rank 0 when that is another rank."""
         seq = self.sequences[header.seq]
-        ids = mx.array(tokens if tokens is not None else [0] * header.length, dtype=mx.int32)
         out = self.model(ids[None], cache=seq.cache.view())
         seq.cache.maybe_quantize()
         if not (self.stage.is_last and header.sample):
             # Prefill on the last stage: like mlx-lm, skip the logits nobody reads.
-            mx.eval(seq.cache.state if self.stage.is_last else [out, seq.cache.state])
-            return None
+            return [seq.cache.state] if self.stage.is_last else [out, seq.cache.state]
         token = seq.sampler(out)
         if self.stage.size > 1:
             token = mx.distributed.send(token, self.stage.next_rank, group=self.group)
-        mx.eval(token, seq.cache.state)
-        return token
+        return [seq.cache.state, token]
 
     # Rank 0.
 
     def _step(self, seq: int, tokens: list[int], sample: bool) -> Optional[int]:
+        """One step, waited for: prompt chunks and the first token."""
         header = Header(OP_STEP, seq, len(tokens), int(sample))
         self._broadcast(header)
-        token = self._forward(header, tokens)
+        work = self._run(header, mx.array(tokens, dtype=mx.int32))
+        mx.eval(work)
         if not sample:
             return None
         if self.stage.size > 1:
-            token = self._recv((1,), mx.int32, self.stage.prev_rank)
-        return token.item()
+            return self._recv((1,), mx.int32, self.stage.prev_rank).item()
+        return work[-1].item()
+
+    def _launch(self, seq: int, token: mx.array) -> mx.array:
+        """Queue one decode step whose input token may still be in flight, and
+        return the next token, lazily. The whole step runs on MLX's stream
+        without Python, while Python builds the step after it."""
+        header = Header(OP_STEP, seq, 1, 1)
+        if self.stage.size > 1:
+            mx.async_eval(mx.distributed.send(header.encode(), self.stage.next_rank, group=self.group))
+        work = self._run(header, token)
+        mx.async_eval(work)
+        if self.stage.size == 1:
+            return work[-1]
+        # Queued after the step's own send, so the receive cannot come first.
+        token = mx.distributed.recv((1,), mx.int32, self.stage.prev_rank, group=self.group)
+        mx.async_eval(token)
+        return token
 
     def generate(
         self, prompt: list[int], params: SamplingParams, max_tokens: int
     ) -> Iterator[int]:
         """Yield up to `max_tokens` token ids; the caller stops early (EOS, stop
-        strings, cancel) by closing the generator."""
+        strings, cancel) by closing the generator. Like mlx-lm, the step after
+        the yielded token is already running, and is finished before the end."""
         self.limits.check(len(prompt), max_tokens)
         seq = self._next_seq
         self._next_seq += 1
@@ -196,6 +213,7 @@ class Pipeline:
         payload = json.dumps(work).encode()
         self._broadcast(Header(OP_START, seq, len(payload)), payload)
         self._open(seq, work)
+        in_flight = None
         try:
             rest = prompt
             # Same chunking as mlx-lm's generate_step, so outputs match it exactly.
@@ -203,13 +221,14 @@ class Pipeline:
                 n = min(self.prefill_step_size, len(rest) - 1)
                 self._step(seq, rest[:n], sample=False)
                 rest = rest[n:]
-            token = self._step(seq, rest, sample=True)
+            token = mx.array([self._step(seq, rest, sample=True)], dtype=mx.int32)
             for produced in range(1, max_tokens + 1):
-                yield token
-                if produced == max_tokens:
-                    break
-                token = self._step(seq, [token], sample=True)
+                in_flight = self._launch(seq, token) if produced < max_tokens else None
+                yield token.item()
+                token, in_flight = in_flight, None
         finally:
+            if in_flight is not None:
+                mx.eval(in_flight)
             self._broadcast(Header(OP_END, seq))
             self._close(seq)
 
@@ -240,6 +259,6 @@ class Pipeline:
             elif header.op == OP_START:
                 self._open(header.seq, json.loads(payload))
             elif header.op == OP_STEP:
-                self._forward(header, None)
+                mx.eval(self._run(header, mx.zeros((header.length,), dtype=mx.int32)))
             elif header.op == OP_END:
                 self._close(header.seq)

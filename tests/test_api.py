@@ -1,19 +1,22 @@
 """The HTTP front over real HTTP: uvicorn on a free port, httpx and the official openai client.
 
-Most tests need no generation: a `FakeRank` thread plays rank 0 through the real spool
-with scripted events. The tests at the end run the real rank 0 (`python server.py`) on a
-tiny model and compare its greedy output with single-process mlx-lm.
+The first tests need no generation and run with no rank at all (or, for the 504 and the
+queued-disconnect cases, with a heartbeat the test writes itself: a ring that looks up but
+never claims). Everything that generates runs against the real rank 0 (`python server.py`
+in serve mode, a group of one) on a tiny model, and compares what it gets with
+single-process mlx-lm.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,6 +25,7 @@ import mlx_lm
 import openai
 import pytest
 import uvicorn
+from conftest import rank_env
 from mlx_lm.sample_utils import make_sampler
 
 from api import create_app
@@ -33,9 +37,11 @@ KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BYTES = 4096
 MAX_SEQ = 256
-WORDS = ["Hello", ",", " world", "!"]
-
-Script = Callable[[dict, int], list]  # (request, attempt) -> events, and float pauses
+RING_MAX_SEQ = 4096  # MAX_SEQUENCE_LENGTH of the real rank and its API: room for long generations
+# Greedy decoding of the tiny model never reaches EOS within LONG_TOKENS for this prompt,
+# and LONG_TOKENS take it tens of seconds: long enough to act on a generation under way.
+LONG_MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
+LONG_TOKENS = 3000
 
 
 # ---------------------------------------------------------------------------
@@ -79,52 +85,6 @@ class ApiServer:
         return httpx.post(f"{self.url}{path}", json=body, headers=AUTH, timeout=timeout)
 
 
-def _default_script(request: dict, attempt: int) -> list:
-    prompt = len(request["prompt_tokens"])
-    usage = {"prompt_tokens": prompt, "completion_tokens": len(WORDS), "total_tokens": prompt + len(WORDS)}
-    deltas = [{"type": "delta", "text": w, "token_ids": [i]} for i, w in enumerate(WORDS)]
-    return [*deltas, {"type": "final", "finish_reason": "stop", "usage": usage, "timings": {}}]
-
-
-class FakeRank(threading.Thread):
-    """Plays rank 0 through the real spool: heartbeats, claims, and scripted events."""
-
-    def __init__(self, root: Path, script: Script = _default_script) -> None:
-        super().__init__(daemon=True)
-        self.spool, self.script = Spool(root), script
-        self.received: list[dict] = []
-        self.attempts: dict[str, int] = {}
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            self.spool.write_heartbeat({"state": "ready", "active": 1})
-            if self.spool.wait_for_work(0.05) and (got := self.spool.claim()) is not None:
-                self._play(*got)
-
-    def _play(self, request_id: str, request: dict) -> None:
-        self.received.append(request)
-        attempt = self.attempts[request_id] = self.attempts.get(request_id, -1) + 1
-        for step in self.script(request, attempt):
-            if self.spool.is_cancelled(request_id):
-                usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-                self.spool.finish(request_id, {"type": "final", "finish_reason": "cancelled", "usage": usage})
-                return
-            if isinstance(step, float):
-                time.sleep(step)
-            elif step == "crash":
-                self.spool.requeue_claimed()  # as a restarted rank 0 does
-                return
-            elif step["type"] in ("final", "error"):
-                self.spool.finish(request_id, step)
-            else:
-                self.spool.append(request_id, step)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("model") / "llama")
@@ -152,14 +112,6 @@ def api(api_server: ApiServer) -> ApiServer:
             path.unlink()
     (root / "heartbeat.json").unlink(missing_ok=True)
     return api_server
-
-
-@pytest.fixture
-def rank(api: ApiServer) -> Iterator[FakeRank]:
-    fake = FakeRank(api.settings.spool_dir)
-    fake.start()
-    yield fake
-    fake.stop()
 
 
 def _error(response: httpx.Response) -> dict:
@@ -331,182 +283,6 @@ def test_client_disconnect_while_queued_cancels(api: ApiServer, model_id: str) -
     assert api.spool.queue_depth() == 0
 
 
-def test_client_disconnect_mid_stream_cancels(api: ApiServer, model_id: str) -> None:
-    def slow(request: dict, attempt: int) -> list:
-        return [{"type": "delta", "text": "x", "token_ids": [1]}, *[0.05, {"type": "delta", "text": "y",
-                                                                           "token_ids": [2]}] * 200]
-
-    fake = FakeRank(api.settings.spool_dir, slow)
-    fake.start()
-    try:
-        stream = api.client().chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
-                                                      stream=True)
-        for i, _ in enumerate(stream):
-            if i == 3:
-                break
-        stream.close()
-        assert _wait_for(lambda: len(_files(api, "cancel")) == 1, timeout=3)
-        assert _wait_for(lambda: len(_files(api, "done")) == 1, timeout=3)  # the rank stopped it
-    finally:
-        fake.stop()
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def test_metrics_text(api: ApiServer, rank: FakeRank, model_id: str) -> None:
-    before = httpx.get(f"{api.url}/metrics").text
-    api.client().chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
-    text = httpx.get(f"{api.url}/metrics").text
-    for name in ("mlx_ring_http_requests_total", "mlx_ring_prompt_tokens_total",
-                 "mlx_ring_completion_tokens_total", "mlx_ring_time_to_first_token_seconds_bucket",
-                 "mlx_ring_inter_token_latency_seconds_bucket", "mlx_ring_queue_depth",
-                 "mlx_ring_active_sequences"):
-        assert name in text, name
-    assert 'mlx_ring_http_requests_total{path="/v1/chat/completions",status="200"}' in text
-    assert _metric(text, "mlx_ring_active_sequences") == 1  # from the fake rank's heartbeat
-    assert _metric(text, "mlx_ring_queue_depth") == 0
-    for name, grew in (("mlx_ring_completion_tokens_total", len(WORDS)),
-                       ("mlx_ring_time_to_first_token_seconds_count", 1),
-                       ("mlx_ring_inter_token_latency_seconds_count", len(WORDS) - 1)):
-        assert _metric(text, name) - _metric(before, name) == grew, name
-
-
-# ---------------------------------------------------------------------------
-# Against a scripted rank 0
-# ---------------------------------------------------------------------------
-
-
-def test_chat_non_streaming(api: ApiServer, rank: FakeRank, model_id: str, tiny_model: Path) -> None:
-    reply = api.client().chat.completions.create(
-        model=model_id, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        temperature=0, seed=7, stop="\n", max_completion_tokens=8)
-    assert reply.object == "chat.completion" and reply.model == model_id
-    assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == "".join(WORDS)
-    assert reply.choices[0].finish_reason == "stop"
-    tokenizer = mlx_lm.utils.load_tokenizer(tiny_model)
-    prompt = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                            {"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(WORDS)
-    sent = rank.received[-1]
-    assert sent == {"kind": "chat", "model": model_id, "prompt_tokens": list(prompt), "max_tokens": 8,
-                    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": None,
-                    "seed": 7, "stop": ["\n"], "created": sent["created"]}
-
-
-def test_chat_streaming_with_usage(api: ApiServer, rank: FakeRank, model_id: str) -> None:
-    with httpx.stream("POST", f"{api.url}/v1/chat/completions", headers=AUTH, timeout=30,
-                      json=_chat(model=model_id, stream=True, stream_options={"include_usage": True})) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = _sse_events(response)
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]] == WORDS
-    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(WORDS)
-    assert rank.received[-1]["max_tokens"] == 16  # DEFAULT_MAX_TOKENS
-
-
-def test_openai_client_streaming(api: ApiServer, rank: FakeRank, model_id: str) -> None:
-    stream = api.client().chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
-                                                  stream=True)
-    chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(WORDS)
-    assert chunks[-1].choices[0].finish_reason == "stop"
-    assert all(c.usage is None for c in chunks)
-
-
-def test_completions(api: ApiServer, rank: FakeRank, model_id: str, tiny_model: Path) -> None:
-    client = api.client()
-    reply = client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=5)
-    assert reply.object == "text_completion" and reply.choices[0].text == "".join(WORDS)
-    tokenizer = mlx_lm.utils.load_tokenizer(tiny_model)
-    assert rank.received[-1]["prompt_tokens"] == tokenizer.encode("Once upon a time")
-    assert rank.received[-1]["kind"] == "completion" and rank.received[-1]["max_tokens"] == 5
-    chunks = list(client.completions.create(model=model_id, prompt="Once upon a time", stream=True,
-                                            stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(WORDS)
-    assert chunks[-2].choices[0].finish_reason == "stop"
-    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
-
-
-def _requeue_script(request: dict, attempt: int) -> list:
-    """Rank 0 dies after two deltas; the restarted one generates the same text again."""
-    if attempt == 0:
-        return [{"type": "delta", "text": "Hel", "token_ids": [1]}, {"type": "delta", "text": "lo", "token_ids": [2]},
-                "crash"]
-    return _default_script(request, attempt)
-
-
-def test_requeued_request_restarts_output(api: ApiServer, model_id: str) -> None:
-    fake = FakeRank(api.settings.spool_dir, _requeue_script)
-    fake.start()
-    try:
-        client = api.client()
-        reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
-        assert reply.choices[0].message.content == "Hello, world!"
-        chunks = list(client.chat.completions.create(model=model_id, stream=True,
-                                                     messages=[{"role": "user", "content": "hi"}]))
-        texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
-        assert "".join(texts) == "Hello, world!"
-        assert texts[:2] == ["Hel", "lo"]  # sent before the crash, not repeated after it
-        assert fake.attempts and set(fake.attempts.values()) == {1}
-    finally:
-        fake.stop()
-
-
-def _error_script(status: int, after_text: bool) -> Script:
-    error = {"type": "error", "message": "the rank refused", "code": "refused", "status": status}
-    text = [{"type": "delta", "text": "partial", "token_ids": [1]}] if after_text else []
-    return lambda request, attempt: [*text, error]
-
-
-def test_readers_poll_without_inotify(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(Spool, "watch_streams", lambda self: None)
-    with ApiServer(_settings(tiny_model, tmp_path / "spool")) as api:
-        fake = FakeRank(api.settings.spool_dir)
-        fake.start()
-        try:
-            chunks = list(api.client().chat.completions.create(
-                model=str(tiny_model), messages=[{"role": "user", "content": "hi"}], stream=True))
-            assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(WORDS)
-        finally:
-            fake.stop()
-
-
-def test_rank_error_before_output_keeps_its_status(api: ApiServer, model_id: str) -> None:
-    fake = FakeRank(api.settings.spool_dir, _error_script(422, after_text=False))
-    fake.start()
-    try:
-        for stream in (False, True):
-            response = api.post("/v1/chat/completions", _chat(model=model_id, stream=stream))
-            assert response.status_code == 422
-            assert _error(response) == {"message": "the rank refused", "type": "invalid_request_error",
-                                        "param": None, "code": "refused"}
-    finally:
-        fake.stop()
-
-
-def test_rank_error_mid_stream_is_an_sse_error(api: ApiServer, model_id: str) -> None:
-    fake = FakeRank(api.settings.spool_dir, _error_script(500, after_text=True))
-    fake.start()
-    try:
-        stream = api.client().chat.completions.create(model=model_id, stream=True,
-                                                      messages=[{"role": "user", "content": "hi"}])
-        with pytest.raises(openai.APIError, match="the rank refused"):
-            list(stream)
-    finally:
-        fake.stop()
-
-
 # ---------------------------------------------------------------------------
 # Against the real rank 0: server.py in serve mode
 # ---------------------------------------------------------------------------
@@ -514,19 +290,14 @@ def test_rank_error_mid_stream_is_an_sse_error(api: ApiServer, model_id: str) ->
 SERVER = REPO_DIR / "server.py"
 
 
-def _serve_mode_exists() -> bool:
-    return SERVER.exists() and "Spool" in SERVER.read_text()
-
-
 class RankProcess:
     """`python server.py` as one rank 0 in serve mode; can be killed and started again."""
 
-    def __init__(self, model: Path, spool_dir: Path) -> None:
+    def __init__(self, model: Path, spool_dir: Path, **settings: str) -> None:
         self.spool = Spool(spool_dir)
         self.log_path = spool_dir.parent / "server.log"
-        self.env = os.environ | {"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir),
-                                 "MAX_SEQUENCE_LENGTH": str(MAX_SEQ),
-                                 "MLX_RING_ENV_FILE": str(spool_dir.parent / "no.env")}
+        self.env = rank_env({"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir),
+                             "MAX_SEQUENCE_LENGTH": str(RING_MAX_SEQ), **settings})
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -552,14 +323,17 @@ class RankProcess:
             self.proc.wait()
 
 
+def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
+    return _settings(model, spool_dir, **{"request_timeout": 120.0, "max_sequence_length": RING_MAX_SEQ}
+                     | overrides)
+
+
 @pytest.fixture(scope="module")
 def real_ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, RankProcess]]:
     """`python server.py` (one rank) and the API on one spool, both on the tiny model."""
-    if not _serve_mode_exists():
-        pytest.skip("server.py has no serve mode yet")
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
     rank = RankProcess(tiny_model, spool_dir)
-    with ApiServer(_settings(tiny_model, spool_dir, request_timeout=120.0)) as api:
+    with ApiServer(_ring_settings(tiny_model, spool_dir)) as api:
         rank.start()
         try:
             yield api, rank
@@ -567,40 +341,281 @@ def real_ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             rank.stop()
 
 
-def _mlx_lm_greedy(model_dir: Path, messages: list[dict], max_tokens: int) -> tuple[str, str]:
-    """Text and finish reason of greedy decoding in one process with plain mlx-lm."""
-    model, tokenizer = mlx_lm.load(str(model_dir))
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    text, finish = "", None
+@pytest.fixture
+def ring(real_ring: tuple[ApiServer, RankProcess]) -> ApiServer:
+    return real_ring[0]
+
+
+@dataclass
+class Reference:
+    """Greedy decoding in one process with plain mlx-lm."""
+
+    token_ids: list[int]  # without the EOS token
+    segments: list[str]  # the text mlx-lm's streaming detokenizer gives at each step
+    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return "".join(self.segments)
+
+
+@lru_cache(maxsize=2)
+def _load(model_dir: Path):
+    return mlx_lm.load(str(model_dir))
+
+
+def _mlx_lm_greedy(model_dir: Path, prompt: list[int] | list[dict], max_tokens: int) -> Reference:
+    """`prompt` is token ids, or chat messages put through the chat template."""
+    return _greedy(model_dir, json.dumps(prompt), max_tokens)
+
+
+@lru_cache(maxsize=16)
+def _greedy(model_dir: Path, prompt_json: str, max_tokens: int) -> Reference:
+    prompt = json.loads(prompt_json)
+    model, tokenizer = _load(model_dir)
+    if isinstance(prompt[0], dict):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    token_ids, segments, finish = [], [], None
     for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
                                            sampler=make_sampler(0.0)):
-        text += response.text
+        if response.token not in tokenizer.eos_token_ids:
+            token_ids.append(response.token)
+        segments.append(response.text)
         finish = response.finish_reason
-    return text, finish
+    return Reference(token_ids, segments, finish)
 
 
-def test_real_ring_greedy_matches_mlx_lm(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path) -> None:
-    api, _ = real_ring
+def _spooled_request(api: ApiServer, request_id: str) -> dict:
+    """The request as the API queued it, from the spool file rank 0 finished."""
+    done = api.settings.spool_dir / "done" / f"{request_id}.json"
+    assert _wait_for(done.exists), f"request {request_id} not in done/"
+    return json.loads(done.read_bytes())
+
+
+def _events(api: ApiServer, request_id: str) -> list[dict]:
+    return api.spool.read_events(request_id)[0]
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_chat_non_streaming(ring: ApiServer, tiny_model: Path) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    tokenizer = mlx_lm.utils.load_tokenizer(tiny_model)
+    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    reference = _mlx_lm_greedy(tiny_model, prompt, 8)
+    # A stop string the greedy output reaches with its sixth token, and not before.
+    stop, before = reference.segments[5], "".join(reference.segments[:5])
+    assert stop and reference.text.find(stop) == len(before), reference.segments
+    model = str(tiny_model)
+    reply = ring.client().chat.completions.create(model=model, messages=messages, temperature=0, seed=7,
+                                                  stop=stop, max_completion_tokens=8)
+    assert reply.object == "chat.completion" and reply.model == model
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == before
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 6
+    sent = _spooled_request(ring, reply.id.removeprefix("chatcmpl-"))
+    assert sent == {"kind": "chat", "model": model, "prompt_tokens": prompt, "max_tokens": 8,
+                    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": None,
+                    "seed": 7, "stop": [stop], "created": sent["created"]}
+
+
+def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
+    body = _chat(model=str(tiny_model), stream=True, stream_options={"include_usage": True}, temperature=0)
+    reference = _mlx_lm_greedy(tiny_model, body["messages"], 16)  # DEFAULT_MAX_TOKENS
+    with httpx.stream("POST", f"{ring.url}/v1/chat/completions", headers=AUTH, timeout=60, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    texts = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert "".join(texts) == reference.text
+    request_id = chunks[0]["id"].removeprefix("chatcmpl-")
+    # One chunk for each piece of text rank 0 wrote, as it wrote it.
+    assert texts == [e["text"] for e in _events(ring, request_id) if e["type"] == "delta" and e["text"]]
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": reference.finish_reason,
+                                        "logprobs": None}
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == len(reference.token_ids)
+    assert _spooled_request(ring, request_id)["max_tokens"] == 16  # DEFAULT_MAX_TOKENS
+
+
+def test_openai_client_streaming(ring: ApiServer, tiny_model: Path) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    reference = _mlx_lm_greedy(tiny_model, messages, 16)
+    stream = ring.client().chat.completions.create(model=str(tiny_model), messages=messages, temperature=0,
+                                                   stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference.text
+    assert chunks[-1].choices[0].finish_reason == reference.finish_reason
+    assert all(c.usage is None for c in chunks)
+
+
+def test_completions(ring: ApiServer, tiny_model: Path) -> None:
+    client, model = ring.client(), str(tiny_model)
+    prompt = mlx_lm.utils.load_tokenizer(tiny_model).encode("Once upon a time")
+    reference = _mlx_lm_greedy(tiny_model, prompt, 5)
+    reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == reference.text
+    assert reply.choices[0].finish_reason == reference.finish_reason
+    assert reply.usage.completion_tokens == len(reference.token_ids)
+    sent = _spooled_request(ring, reply.id.removeprefix("cmpl-"))
+    assert sent["prompt_tokens"] == prompt and sent["kind"] == "completion" and sent["max_tokens"] == 5
+    chunks = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference.text
+    assert chunks[-2].choices[0].finish_reason == reference.finish_reason
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_real_ring_greedy_matches_mlx_lm(ring: ApiServer, tiny_model: Path) -> None:
     messages = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
-    expected, finish = _mlx_lm_greedy(tiny_model, messages, max_tokens=12)
-    client = api.client()
+    reference = _mlx_lm_greedy(tiny_model, messages, max_tokens=12)
+    client = ring.client()
     model = str(tiny_model)
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
-    assert reply.choices[0].message.content == expected
-    assert reply.choices[0].finish_reason == finish
-    assert reply.usage.completion_tokens <= 12
+    assert reply.choices[0].message.content == reference.text
+    assert reply.choices[0].finish_reason == reference.finish_reason
+    assert reply.usage.completion_tokens == len(reference.token_ids)
     chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference.text
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
-def test_real_ring_completion_and_health(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path) -> None:
-    api, _ = real_ring
-    reply = api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=5,
-                                            temperature=0)
+def test_real_ring_completion_and_health(ring: ApiServer, tiny_model: Path) -> None:
+    reply = ring.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=5,
+                                             temperature=0)
     assert reply.usage.completion_tokens <= 5 and reply.choices[0].finish_reason in ("stop", "length")
-    assert httpx.get(f"{api.url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{ring.url}/health").json()["status"] == "ok"
+
+
+def test_readers_poll_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path,
+                                      monkeypatch) -> None:
+    """A second front on the real rank's spool, whose stream readers poll."""
+    monkeypatch.setattr(Spool, "watch_streams", lambda self: None)
+    messages = [{"role": "user", "content": "hi"}]
+    reference = _mlx_lm_greedy(tiny_model, messages, 16)
+    with ApiServer(_ring_settings(tiny_model, real_ring[0].settings.spool_dir)) as api:
+        chunks = list(api.client().chat.completions.create(model=str(tiny_model), messages=messages,
+                                                           temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference.text
+
+
+def _long_stream(api: ApiServer, model: Path):
+    """A streaming request for LONG_TOKENS tokens, as an open `httpx.stream` context."""
+    body = {"model": str(model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0,
+            "stream": True}
+    return httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+
+
+def _finished_cancelled(api: ApiServer, request_id: str) -> dict:
+    """The final event rank 0 wrote for a request it stopped because of a cancel marker."""
+    assert _wait_for(lambda: api.spool.is_cancelled(request_id), timeout=5), "no cancel marker"
+    assert _wait_for(lambda: (api.settings.spool_dir / "done" / f"{request_id}.json").exists(), timeout=10), \
+        "rank 0 did not stop the request"
+    final = _events(api, request_id)[-1]
+    assert final["type"] == "final" and final["finish_reason"] == "cancelled", final
+    assert final["usage"]["completion_tokens"] < LONG_TOKENS
+    return final
+
+
+def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
+    before = httpx.get(f"{ring.url}/metrics").text
+    reply = ring.client().chat.completions.create(model=str(tiny_model), messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=8, temperature=0)
+    text = httpx.get(f"{ring.url}/metrics").text
+    for name in ("mlx_ring_http_requests_total", "mlx_ring_prompt_tokens_total",
+                 "mlx_ring_completion_tokens_total", "mlx_ring_time_to_first_token_seconds_bucket",
+                 "mlx_ring_inter_token_latency_seconds_bucket", "mlx_ring_queue_depth",
+                 "mlx_ring_active_sequences"):
+        assert name in text, name
+    assert 'mlx_ring_http_requests_total{path="/v1/chat/completions",status="200"}' in text
+    assert _metric(text, "mlx_ring_queue_depth") == 0
+    deltas = [e for e in _events(ring, reply.id.removeprefix("chatcmpl-")) if e["type"] == "delta"]
+    assert len(deltas) >= 2
+    for name, grew in (("mlx_ring_completion_tokens_total", reply.usage.completion_tokens),
+                       ("mlx_ring_prompt_tokens_total", reply.usage.prompt_tokens),
+                       ("mlx_ring_time_to_first_token_seconds_count", 1),
+                       ("mlx_ring_inter_token_latency_seconds_count", len(deltas) - 1)):
+        assert _metric(text, name) - _metric(before, name) == grew, name
+
+    def active() -> float:
+        return _metric(httpx.get(f"{ring.url}/metrics").text, "mlx_ring_active_sequences")
+
+    # The gauge follows rank 0's heartbeat: one sequence while it generates, none after.
+    with _long_stream(ring, tiny_model) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()  # kept open: a closed iterator closes the connection
+        first = next(json.loads(line[6:]) for line in lines if line.startswith("data: {"))
+        request_id = first["id"].removeprefix("chatcmpl-")
+        assert _wait_for(lambda: active() == 1, timeout=10)
+    _finished_cancelled(ring, request_id)
+    assert _wait_for(lambda: active() == 0, timeout=10)
+
+
+def test_client_disconnect_mid_stream_cancels(ring: ApiServer, tiny_model: Path) -> None:
+    client, model = ring.client(), str(tiny_model)
+    stream = client.chat.completions.create(model=model, messages=LONG_MESSAGES, max_tokens=LONG_TOKENS,
+                                            temperature=0, stream=True)
+    for i, chunk in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    _finished_cancelled(ring, chunk.id.removeprefix("chatcmpl-"))
+    # The ring is free again: the next request is served, and right.
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == _mlx_lm_greedy(tiny_model, messages, 8).text
+
+
+def test_timeout_mid_stream_is_an_sse_error(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path) -> None:
+    """Output has begun, so the 504 comes as an error event in OpenAI's envelope."""
+    spool_dir = real_ring[0].settings.spool_dir
+    with ApiServer(_ring_settings(tiny_model, spool_dir, request_timeout=1.5)) as api:
+        stream = api.client().chat.completions.create(model=str(tiny_model), messages=LONG_MESSAGES,
+                                                      max_tokens=LONG_TOKENS, temperature=0, stream=True)
+        chunks = []
+        with pytest.raises(openai.APIError, match="REQUEST_TIMEOUT") as err:
+            for chunk in stream:
+                chunks.append(chunk)
+        assert err.value.body["code"] == "timeout" and err.value.body["type"] == "server_error"
+        assert any(c.choices[0].delta.content for c in chunks)
+        _finished_cancelled(api, chunks[0].id.removeprefix("chatcmpl-"))
+
+
+def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None:
+    """A rank whose KV budget (1 MB: a few hundred tokens of the tiny model) is below
+    MAX_SEQUENCE_LENGTH: the API lets the request through, rank 0 refuses it, and the
+    client gets the rank's error with its status, streaming or not."""
+    spool_dir = tmp_path / "spool"
+    rank = RankProcess(tiny_model, spool_dir, KV_CACHE_RESERVED_MEMORY_MB="1")
+    with ApiServer(_ring_settings(tiny_model, spool_dir)) as api:
+        rank.start()
+        try:
+            for stream in (False, True):
+                response = api.post("/v1/chat/completions",
+                                    _chat(model=str(tiny_model), stream=stream, max_tokens=1000), timeout=60)
+                assert response.status_code == 400, response.text
+                error = _error(response)
+                assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
+                assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB holds" in error["message"]
+            with pytest.raises(openai.BadRequestError) as err:
+                api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=1000)
+            assert err.value.code == "kv_cache_exceeded"
+            # What fits the budget is served.
+            reply = api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=4)
+            assert reply.usage.completion_tokens == 4
+        finally:
+            rank.stop()
 
 
 def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, RankProcess],
@@ -610,7 +625,7 @@ def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, 
     api, rank = real_ring
     messages = [{"role": "user", "content": "Write a long story about the harbour."}]
     max_tokens = MAX_SEQ - 40
-    expected, _ = _mlx_lm_greedy(tiny_model, messages, max_tokens)
+    expected = _mlx_lm_greedy(tiny_model, messages, max_tokens).text
     body = {"model": str(tiny_model), "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
     texts: list[str] = []
@@ -623,6 +638,39 @@ def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, 
                 rank.start()
     request_id = event["id"].removeprefix("chatcmpl-")
     assert "".join(texts) == expected
-    kinds = [e["type"] for e in api.spool.read_events(request_id)[0]]
+    kinds = [e["type"] for e in _events(api, request_id)]
+    if "requeued" not in kinds:
+        pytest.skip("generation finished before the kill; the restart path did not run")
+
+
+def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServer, RankProcess],
+                                                        tiny_model: Path) -> None:
+    """Rank 0 killed with part of a non-streaming reply generated: the reply holds only the
+    restarted generation's text."""
+    api, rank = real_ring
+    messages = [{"role": "user", "content": "Write a long story about the harbour."}]
+    max_tokens = MAX_SEQ - 40
+    reference = _mlx_lm_greedy(tiny_model, messages, max_tokens)
+    replies: list = []
+    client = api.client(timeout=120)
+    thread = threading.Thread(target=lambda: replies.append(client.chat.completions.create(
+        model=str(tiny_model), messages=messages, max_tokens=max_tokens, temperature=0)))
+    thread.start()
+    claimed = api.settings.spool_dir / "claimed"
+
+    def generating() -> bool:
+        return any(sum(e["type"] == "delta" for e in _events(api, path.stem)) >= 2 for path in claimed.iterdir())
+
+    try:
+        assert _wait_for(generating, timeout=30)
+        rank.stop(kill=True)
+        rank.start()
+    finally:
+        thread.join(timeout=120)
+    assert replies, "no reply"
+    reply = replies[0]
+    assert reply.choices[0].message.content == reference.text
+    assert reply.usage.completion_tokens == len(reference.token_ids)
+    kinds = [e["type"] for e in _events(api, reply.id.removeprefix("chatcmpl-"))]
     if "requeued" not in kinds:
         pytest.skip("generation finished before the kill; the restart path did not run")
