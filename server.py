@@ -27,6 +27,7 @@ log = logging.getLogger("server")
 
 HEARTBEAT_EVERY = 1.0  # seconds between heartbeats while serving
 PURGE_EVERY = 60.0  # seconds between sweeps of finished requests
+STAY_AWAKE = 2.0  # seconds after a request during which the ring stays ready to start at once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,15 +142,20 @@ class Serving:
         if requeued:
             log.info("requeued %d requests left unfinished by the last run", len(requeued))
         poll = self.settings.poll_interval
+        last_work = time.monotonic()
         while not self.stopping:
             self.heartbeat()
             job = self.spool.claim()
-            if job is None:
-                # Idle: the other ranks sleep instead of busy-polling a receive.
+            if job is not None:
+                self.handle(*job)
+                last_work = time.monotonic()
+            elif time.monotonic() - last_work < STAY_AWAKE:
+                # Recently busy: the others wait in a receive, so the next request starts at once.
+                self.spool.wait_for_work(poll)
+            else:
+                # Idle: the others sleep instead of busy-polling a receive.
                 self.cluster.pipeline.idle(poll)
                 self.spool.wait_for_work(poll)
-                continue
-            self.handle(*job)
         log.info("stopping")
         self.heartbeat("stopped")
         self.cluster.pipeline.shutdown()
@@ -170,7 +176,7 @@ class Serving:
         )
         prompt = request["prompt_tokens"]
         completion, finish_reason, stop_text_hit = 0, "length", False
-        started = time.perf_counter()
+        started, claimed_at = time.perf_counter(), time.time()
         first_token = None
         self.active = 1
         steps = self.cluster.pipeline.generate(prompt, params, request["max_tokens"])
@@ -217,6 +223,7 @@ class Serving:
                     "total_tokens": len(prompt) + completion,
                 },
                 "timings": {
+                    "claimed_at": claimed_at,
                     "time_to_first_token": (first_token or time.perf_counter()) - started,
                     "total": elapsed,
                 },

@@ -56,6 +56,35 @@ class Header:
 HEADER_SHAPE = (4,)
 
 
+# Share of an expected wait for a neighbour spent asleep; the rest busy-polls.
+NAP_SHARE = 0.95
+# A wait shorter than this after a nap means the data was already there: we overslept.
+OVERSLEPT = 0.0005
+
+
+class Nap:
+    """Sleeps through most of a predictable wait for a neighbour rank. Both MLX
+    backends busy-poll a pending receive, and a polling rank takes the core that
+    the computing rank's second thread would otherwise use."""
+
+    def __init__(self):
+        self.expected = 0.0
+
+    def sleep(self) -> float:
+        slept = NAP_SHARE * self.expected
+        if slept > 0:
+            time.sleep(slept)
+        return slept
+
+    def wait(self, arrival: mx.array, slept: float) -> None:
+        """Wait for a pending receive and learn how long the whole wait was."""
+        start = time.perf_counter()
+        mx.eval(arrival)
+        residual = time.perf_counter() - start
+        # Overslept: by how much is unknown, so back off fast.
+        self.expected = slept / 2 if slept and residual < OVERSLEPT else slept + residual
+
+
 @dataclass
 class Sequence:
     """One active sequence on this rank."""
@@ -109,6 +138,7 @@ class Pipeline:
         self.limits = limits
         self.sequences: dict[int, Sequence] = {}
         self._next_seq = 0
+        self.nap = Nap()
 
     # Transport: neighbour-only, as the ring backend requires.
 
@@ -184,28 +214,45 @@ class Pipeline:
             return self._recv((1,), mx.int32, self.stage.prev_rank).item()
         return work[-1].item()
 
-    def _launch(self, seq: int, token: mx.array) -> mx.array:
-        """Queue one decode step whose input token may still be in flight, and
-        return the next token, lazily. The whole step runs on MLX's stream
-        without Python, while Python builds the step after it."""
+    def _decode_alone(self, seq: int, first: int, max_tokens: int) -> Iterator[int]:
+        """A group of one: as in mlx-lm, the next step runs while the caller
+        handles this token."""
         header = Header(OP_STEP, seq, 1, 1)
-        if self.stage.size > 1:
-            mx.async_eval(mx.distributed.send(header.encode(), self.stage.next_rank, group=self.group))
-        work = self._run(header, token)
-        mx.async_eval(work)
-        if self.stage.size == 1:
-            return work[-1]
-        # Queued after the step's own send, so the receive cannot come first.
-        token = mx.distributed.recv((1,), mx.int32, self.stage.prev_rank, group=self.group)
-        mx.async_eval(token)
-        return token
+        token = mx.array([first], dtype=mx.int32)
+        in_flight = None
+        try:
+            for produced in range(1, max_tokens + 1):
+                if produced < max_tokens:
+                    in_flight = self._run(header, token)
+                    mx.async_eval(in_flight)
+                yield token.item()
+                token, in_flight = (in_flight[-1] if in_flight else None), None
+        finally:
+            if in_flight is not None:
+                mx.eval(in_flight)
+
+    def _decode_ring(self, seq: int, first: int, max_tokens: int) -> Iterator[int]:
+        """Rank 0 of a ring. A step's graph is built on its input token before
+        that token arrives, and rank 0 naps through most of the wait, so the only
+        work on the critical path is MLX's own. (MLX evaluates distributed ops
+        synchronously, so the step cannot be queued ahead as mlx-lm does.)"""
+        header = Header(OP_STEP, seq, 1, 1)
+        self.nap.expected = 0.0
+        work = self._run(header, mx.array([first], dtype=mx.int32)) if max_tokens > 1 else None
+        yield first
+        for produced in range(2, max_tokens + 1):
+            self._send(header.encode(), self.stage.next_rank)
+            mx.eval(work)
+            token = mx.distributed.recv((1,), mx.int32, self.stage.prev_rank, group=self.group)
+            work = self._run(header, token) if produced < max_tokens else None
+            self.nap.wait(token, self.nap.sleep())
+            yield token.item()
 
     def generate(
         self, prompt: list[int], params: SamplingParams, max_tokens: int
     ) -> Iterator[int]:
         """Yield up to `max_tokens` token ids; the caller stops early (EOS, stop
-        strings, cancel) by closing the generator. Like mlx-lm, the step after
-        the yielded token is already running, and is finished before the end."""
+        strings, cancel) by closing the generator."""
         self.limits.check(len(prompt), max_tokens)
         seq = self._next_seq
         self._next_seq += 1
@@ -213,7 +260,6 @@ class Pipeline:
         payload = json.dumps(work).encode()
         self._broadcast(Header(OP_START, seq, len(payload)), payload)
         self._open(seq, work)
-        in_flight = None
         try:
             rest = prompt
             # Same chunking as mlx-lm's generate_step, so outputs match it exactly.
@@ -221,14 +267,10 @@ class Pipeline:
                 n = min(self.prefill_step_size, len(rest) - 1)
                 self._step(seq, rest[:n], sample=False)
                 rest = rest[n:]
-            token = mx.array([self._step(seq, rest, sample=True)], dtype=mx.int32)
-            for produced in range(1, max_tokens + 1):
-                in_flight = self._launch(seq, token) if produced < max_tokens else None
-                yield token.item()
-                token, in_flight = in_flight, None
+            first = self._step(seq, rest, sample=True)
+            decode = self._decode_ring if self.stage.size > 1 else self._decode_alone
+            yield from decode(seq, first, max_tokens)
         finally:
-            if in_flight is not None:
-                mx.eval(in_flight)
             self._broadcast(Header(OP_END, seq))
             self._close(seq)
 
@@ -258,7 +300,13 @@ class Pipeline:
                 time.sleep(header.length / 1000)
             elif header.op == OP_START:
                 self._open(header.seq, json.loads(payload))
+                self.nap.expected = 0.0
             elif header.op == OP_STEP:
-                mx.eval(self._run(header, mx.zeros((header.length,), dtype=mx.int32)))
+                work = self._run(header, mx.zeros((header.length,), dtype=mx.int32))
+                if header.length == 1:
+                    # Decode: a steady wait for the previous rank, worth napping through.
+                    receiver = self.model.model.layers[self.stage.start]
+                    self.nap.wait(receiver.received, self.nap.sleep())
+                mx.eval(work)
             elif header.op == OP_END:
                 self._close(header.seq)

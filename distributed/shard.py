@@ -102,6 +102,8 @@ class ReceiveHidden(_LayerWrapper):
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
         x = mx.distributed.recv_like(x, self.peer, group=self.group)
+        # A plain attribute, not a parameter: the pipeline times its waits on it.
+        object.__setattr__(self, "received", x)
         return self.layer(x, *args, **kwargs)
 
 

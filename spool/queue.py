@@ -76,18 +76,20 @@ class Spool:
         return self._streams / f"{check_id(request_id)}.jsonl"
 
     def _write_atomic(self, dest: Path, data: bytes, durable: bool) -> None:
-        """Write `data` to a temp file, then rename it to `dest`; fsync when `durable`."""
+        """Write `data` to a temp file and rename it to `dest`; with `durable`, sync
+        both before returning. The rename comes first so rank 0 can start while the
+        disk syncs: callers report a request accepted only once this returns, so one
+        lost to a crash in between was never accepted."""
         tmp = self._tmp / f"{_new_id()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         try:
             os.write(fd, data)
+            os.replace(tmp, dest)
             if durable:
                 os.fsync(fd)
+                _fsync_dir(dest.parent)  # the rename itself must survive a power cut
         finally:
             os.close(fd)
-        os.replace(tmp, dest)
-        if durable:
-            _fsync_dir(dest.parent)  # the rename itself must survive a power cut
 
     def _ids(self, directory: Path) -> list[str]:
         """Ids of the requests in `directory`, oldest first; stray files are ignored."""

@@ -1,0 +1,151 @@
+"""What HTTP + spool add: time to first token over the engine alone, and
+end-to-end decode speed against single-process mlx-lm, in the same run.
+
+Starts a 2-rank MPI ring in serve mode and the API, then streams chat
+completions. Engine time to first token is what rank 0 recorded in the spool
+(request claimed → first token); the client's is request sent → first content
+chunk. Targets: added p50 <= 5 ms; decode ratio >= 0.97.
+
+    .venv/bin/python bench/api_latency.py [--requests 20] [--ranks 2] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from pipeline_decode import PROMPT, run_baseline  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the ring and API did not become healthy")
+
+
+def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict:
+    """Stream one greedy chat completion; chunk arrival times and usage."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    arrivals, usage, request_id = [], None, None
+    with client.stream("POST", "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            request_id = chunk["id"].removeprefix("chatcmpl-")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    return {"sent": sent, "arrivals": arrivals, "usage": usage, "id": request_id}
+
+
+def engine_timings(spool_dir: Path, request_id: str) -> dict:
+    lines = (spool_dir / "streams" / f"{request_id}.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["timings"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--model", help="mlx-lm model directory (default: the embedded default model)")
+    args = parser.parse_args()
+
+    from config import load_settings
+    from models import DEFAULT_MODEL_NAME, resolve_model
+
+    model_dir = args.model or resolve_model(None, load_settings().model_cache_dir)
+    served = args.model or DEFAULT_MODEL_NAME
+    spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
+    port = free_port()
+    env = dict(os.environ, SPOOL_DIR=str(spool_dir), BACKEND="mpi", MLX_RING_ENV_FILE=os.devnull,
+               API_PORT=str(port), LOG_LEVEL="WARNING")
+    if args.model:
+        env["MODEL_REPO"] = args.model
+    ranks = subprocess.Popen(
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks), sys.executable, str(REPO / "server.py")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = subprocess.Popen([sys.executable, str(REPO / "api.py")], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        print("waiting for the ring and the API ...", flush=True)
+        wait_healthy(url)
+        # One keep-alive client, as a real application would use.
+        client = httpx.Client(base_url=url)
+        added, to_claim = [], []
+        for i in range(args.requests):
+            sent_at = time.time()
+            run = stream_chat(client, served, f"Say one word. ({i})", 1)
+            client = run["arrivals"][0] - run["sent"]
+            timings = engine_timings(spool_dir, run["id"])
+            added.append(client - timings["time_to_first_token"])
+            to_claim.append(timings["claimed_at"] - sent_at)
+            if (i + 1) % 5 == 0:
+                print(f"[{i + 1}/{args.requests}] TTFT requests", flush=True)
+
+        decode = []
+        baseline = []
+        for i in range(2):
+            run = stream_chat(client, served, PROMPT, args.tokens)
+            tokens = run["usage"]["completion_tokens"]
+            decode.append((tokens - 1) / (run["arrivals"][-1] - run["arrivals"][0]))
+            print(f"[{i + 1}/2] end-to-end decode: {decode[-1]:.2f} tok/s ({tokens} tokens)", flush=True)
+            baseline.append(run_baseline(str(model_dir), args.tokens))
+            print(f"[{i + 1}/2] mlx-lm single process: {baseline[-1]:.2f} tok/s", flush=True)
+
+        print()
+        print(f"TTFT added by HTTP + spool over {args.requests} requests: "
+              f"p50 {1000 * statistics.median(added):.1f} ms, p95 {1000 * percentile(added, 0.95):.1f} ms "
+              f"(target p50 <= 5 ms); of which request sent -> claimed by rank 0: "
+              f"p50 {1000 * statistics.median(to_claim):.1f} ms")
+        print(f"decode: mlx-ring over HTTP {max(decode):.2f} tok/s, mlx-lm {max(baseline):.2f} tok/s, "
+              f"ratio {max(decode) / max(baseline):.3f} (target >= 0.97)")
+    finally:
+        for proc in (api, ranks):
+            proc.terminate()
+        for proc in (api, ranks):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
