@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -61,16 +62,58 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Launch (read by launch.sh through `python -m config`)
+    ranks: int = Field(1, ge=1)
+    hosts: str = ""
+    hostfile: Optional[Path] = None
+    ssh_user: Optional[str] = None
+    remote_dir: str = str(REPO_DIR)
+    ring_port: int = Field(32323, ge=1024, le=65535)
+    start_timeout: int = Field(600, ge=1)
+    stop_timeout: int = Field(30, ge=1)
+    log_dir: Path = REPO_DIR / "logs"
+    run_dir: Path = REPO_DIR / "run"
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("model_cache_dir", "spool_dir")
+    @field_validator("model_cache_dir", "spool_dir", "log_dir", "run_dir", "hostfile")
     @classmethod
-    def _resolve_dir(cls, value: Path) -> Path:
+    def _resolve_path(cls, value: Optional[Path]) -> Optional[Path]:
         # Relative to the repo, so every process (and launch.sh) agrees on it.
-        return (REPO_DIR / Path(value).expanduser()).resolve()
+        return None if value is None else (REPO_DIR / Path(value).expanduser()).resolve()
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",")] if value.strip() else []
+        if not all(re.fullmatch(r"[A-Za-z0-9.:-]+", h) for h in hosts):
+            raise ValueError(f"must be comma-separated IP addresses or hostnames, in rank order; got {value!r}")
+        return ",".join(hosts)
+
+    @field_validator("hostfile")
+    @classmethod
+    def _one_host_list(cls, value: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if value is not None and info.data.get("hosts"):
+            raise ValueError("HOSTS is set too: use either HOSTS or HOSTFILE")
+        return value
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _check_user(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError(f"must be a user name (letters, digits, '.', '-', '_'); got {value!r}")
+        return value
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _check_remote_dir(cls, value: str) -> str:
+        # A path on other machines: it cannot be resolved here, so it must be absolute.
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path (the repository on the hosts); got {value!r}")
+        return value.rstrip("/") or "/"
 
     @field_validator("kv_bits")
     @classmethod

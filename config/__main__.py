@@ -1,0 +1,36 @@
+"""`python -m config`: the resolved settings as shell-quoted `KEY=value` lines.
+
+launch.sh evals this output, so the shell and every Python process share one
+implementation of precedence (environment, then the env file, then the defaults) and
+of validation. An empty value stands for None. A bad setting exits with status 2 and
+the error naming the variable.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from config import Settings, SettingsError, load_settings
+
+
+def shell_lines(settings: Settings) -> list[str]:
+    lines = []
+    for name, value in settings.model_dump().items():
+        text = "" if value is None else str(value)
+        lines.append(f"{name.upper()}={shlex.quote(text)}")
+    return lines
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        print(f"mlx-ring: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(shell_lines(settings)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
