@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config import Settings, SettingsError, load_settings
+from config import Settings, load_settings, settings_or_exit
 from models import DEFAULT_MODEL_NAME, resolve_model
 from spool import Spool
 
@@ -804,11 +804,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as err:
-        print(f"mlx-ring: {err}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s api %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,

@@ -504,7 +504,10 @@ wait_ready() {
       fi
       if [ "$hb_state" = ready ]; then
         read_health
-        [ "$health_code" != 200 ] || return 0
+        if [ "$health_code" = 200 ]; then
+          show_progress "$seen" >/dev/null  # lines that came in since the last look
+          return 0
+        fi
       fi
     fi
     if ! group_alive "$launcher_pid"; then

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from config import SettingsError, load_settings
+from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
 from distributed.group import init_group
 from distributed.pipeline import RequestError
@@ -249,11 +249,7 @@ def serve(cluster: Cluster, settings, spool: Spool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = load_settings()
-    except SettingsError as err:
-        print(f"mlx-ring: {err}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     group = init_group(settings.backend)
     setup_logging(settings.log_level, group.rank(), args.log_file)
     spool = None

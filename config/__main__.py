@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from config import Settings, SettingsError, load_settings
+from config import Settings, settings_or_exit
 
 
 def shell_lines(settings: Settings) -> list[str]:
@@ -23,11 +23,7 @@ def shell_lines(settings: Settings) -> list[str]:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as err:
-        print(f"mlx-ring: {err}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     print("\n".join(shell_lines(settings)))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -154,3 +155,12 @@ def load_settings(**overrides) -> Settings:
             name = str(e["loc"][0]).upper() if e["loc"] else "settings"
             lines.append(f"{name}={e.get('input')!r}: {e['msg']}")
         raise SettingsError("invalid setting: " + "; ".join(lines)) from None
+
+
+def settings_or_exit() -> Settings:
+    """For entry points: the settings, or exit 2 with the error naming the variable."""
+    try:
+        return load_settings()
+    except SettingsError as err:
+        print(f"mlx-ring: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
