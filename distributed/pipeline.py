@@ -81,8 +81,8 @@ class Nap:
         start = time.perf_counter()
         mx.eval(arrival)
         residual = time.perf_counter() - start
-        # Overslept: by how much is unknown, so back off fast.
-        self.expected = slept / 2 if slept and residual < OVERSLEPT else slept + residual
+        # Overslept: by how much is unknown, so back off.
+        self.expected = slept * NAP_SHARE**4 if slept and residual < OVERSLEPT else slept + residual
 
 
 @dataclass

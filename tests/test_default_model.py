@@ -123,3 +123,12 @@ def test_changed_file_converts_again(
     changed = Path(resolve_model(str(copy), model_cache))
     assert changed != default_model
     assert (changed / "model.safetensors").is_file()
+
+
+def test_two_ranks_match_single_process(default_model: Path) -> None:
+    from conftest import generate_json, reference_tokens
+
+    question = "What is the capital of France?"
+    out = generate_json(2, "mpi", {"MODEL_REPO": str(default_model)}, ["--prompt", question, "--chat", "--max-tokens", "12"])
+    assert out["token_ids"] == reference_tokens(default_model, question, 12, chat=True)
+    assert "Paris" in out["text"]
