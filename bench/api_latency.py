@@ -113,9 +113,9 @@ def main() -> None:
         for i in range(args.requests):
             sent_at = time.time()
             run = stream_chat(client, served, f"Say one word. ({i})", 1)
-            client = run["arrivals"][0] - run["sent"]
+            client_ttft = run["arrivals"][0] - run["sent"]
             timings = engine_timings(spool_dir, run["id"])
-            added.append(client - timings["time_to_first_token"])
+            added.append(client_ttft - timings["time_to_first_token"])
             to_claim.append(timings["claimed_at"] - sent_at)
             if (i + 1) % 5 == 0:
                 print(f"[{i + 1}/{args.requests}] TTFT requests", flush=True)

@@ -3,8 +3,9 @@
 Starts a serve-mode ring (MPI), waits until rank 0's heartbeat says ready, samples
 every rank's CPU time over a quiet window, then submits requests straight into
 the spool and measures submit → first token against the same prompt run while
-the ring is busy. Target: <= 5% of a core per idle rank; start delay within one
-POLL_INTERVAL.
+the ring is awake. Target: <= 5% of a core per idle rank; start delay within one
+POLL_INTERVAL. Use a small model (--model) for the delay: prefill time noise on a
+large one hides it.
 
     .venv/bin/python bench/idle_cpu.py [--ranks 2] [--seconds 10] [--model DIR]
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from server import STAY_AWAKE  # noqa: E402
 from spool import Spool  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -87,7 +89,8 @@ def main() -> None:
         print("waiting for the ring ...", flush=True)
         wait_ready(spool)
         pids = rank_pids(launcher.pid)
-        time.sleep(1.0)
+        # After start and after each request the ring stays awake a while on purpose.
+        time.sleep(STAY_AWAKE + 1.0)
         before = {p: cpu_seconds(p) for p in pids}
         print(f"sampling CPU of {len(pids)} idle ranks for {args.seconds:.0f}s ...", flush=True)
         time.sleep(args.seconds)
@@ -99,7 +102,7 @@ def main() -> None:
         busy = [first_token_delay(spool, prompt) for _ in range(3)]  # back to back: ring awake
         idle = []
         for i in range(5):
-            time.sleep(args.poll_interval * 4)  # let the ring fall idle
+            time.sleep(STAY_AWAKE + args.poll_interval * 4)  # let the ring fall idle
             idle.append(first_token_delay(spool, prompt))
         added = sorted(idle)[len(idle) // 2] - min(busy)
         print(f"submit → first token: awake {1000 * min(busy):.1f} ms, after idling "
