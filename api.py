@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings, load_settings, settings_or_exit
-from models import DEFAULT_MODEL_NAME, resolve_model
+from models import resolve_model, served_name
 from spool import Spool
 
 log = logging.getLogger("api")
@@ -742,7 +742,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     model_path = resolve_model(settings.model_repo, settings.model_cache_dir)
     app.state.tokenizer = load_tokenizer(Path(model_path))
-    app.state.model_id = settings.model_repo or DEFAULT_MODEL_NAME
+    app.state.model_id = served_name(settings.model_repo)
     app.state.spool = Spool(settings.spool_dir)
     app.state.waker = StreamWaker(app.state.spool, recheck=settings.poll_interval / 5)
     app.state.started = int(time.time())

