@@ -69,14 +69,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int:
     """Rank 0 of one-shot mode: generate, print, release the other ranks."""
     tokenizer = cluster.tokenizer
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    params = SamplingParams.pick(vars(args))
     tokens: list[int] = []
     finish_reason = "length"
     prompt = encode_prompt(tokenizer, args.prompt, args.chat)
@@ -166,14 +159,7 @@ class Serving:
         log.info("request %s: %d prompt tokens", request_id, len(request["prompt_tokens"]))
         tokenizer = self.cluster.tokenizer
         stream = TextStream(tokenizer, request.get("stop") or [])
-        params = SamplingParams(
-            temperature=request.get("temperature", 0.0),
-            top_p=request.get("top_p", 1.0),
-            top_k=request.get("top_k", 0),
-            min_p=request.get("min_p", 0.0),
-            repetition_penalty=request.get("repetition_penalty"),
-            seed=request.get("seed"),
-        )
+        params = SamplingParams.pick(request)
         prompt = request["prompt_tokens"]
         completion, finish_reason, stop_text_hit = 0, "length", False
         started, claimed_at = time.perf_counter(), time.time()

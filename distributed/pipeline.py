@@ -178,7 +178,7 @@ class Pipeline:
     def _open(self, seq: int, work: dict) -> None:
         sampler = None
         if self.stage.is_last:
-            sampler = TokenSampler(SamplingParams(**work["params"]), work["prompt"])
+            sampler = TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])
         cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv)
         self.sequences[seq] = Sequence(cache, sampler)
 

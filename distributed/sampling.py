@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Mapping, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -22,6 +22,12 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def pick(cls, values: Mapping) -> "SamplingParams":
+        """The sampling fields of `values` (a request, parsed arguments); missing or None keep the default."""
+        given = {f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None}
+        return cls(**given)
 
 
 class TokenSampler:
