@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from pipeline_decode import PROMPT, run_baseline  # noqa: E402
+from ring import bench_env, mpi_ranks, start, stop  # noqa: E402
 
 
 def free_port() -> int:
@@ -88,21 +87,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from config import load_settings
-    from models import DEFAULT_MODEL_NAME, resolve_model
+    from models import resolve_model, served_name
 
     model_dir = args.model or resolve_model(None, load_settings().model_cache_dir)
-    served = args.model or DEFAULT_MODEL_NAME
+    served = served_name(args.model)
     spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
     port = free_port()
-    env = dict(os.environ, SPOOL_DIR=str(spool_dir), BACKEND="mpi", MLX_RING_ENV_FILE=os.devnull,
-               API_PORT=str(port), LOG_LEVEL="WARNING")
-    if args.model:
-        env["MODEL_REPO"] = args.model
-    ranks = subprocess.Popen(
-        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks), sys.executable, str(REPO / "server.py")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api = subprocess.Popen([sys.executable, str(REPO / "api.py")], env=env, cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = bench_env(args.model, SPOOL_DIR=str(spool_dir), API_PORT=str(port))
+    ranks = start(mpi_ranks(args.ranks), env)
+    api = start([sys.executable, str(REPO / "api.py")], env)
     url = f"http://127.0.0.1:{port}"
     try:
         print("waiting for the ring and the API ...", flush=True)
@@ -138,14 +131,7 @@ def main() -> None:
         print(f"decode: mlx-ring over HTTP {max(decode):.2f} tok/s, mlx-lm {max(baseline):.2f} tok/s, "
               f"ratio {max(decode) / max(baseline):.3f} (target >= 0.97)")
     finally:
-        for proc in (api, ranks):
-            proc.terminate()
-        for proc in (api, ranks):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
+        stop(api, ranks)
 
 if __name__ == "__main__":
     main()

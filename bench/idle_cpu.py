@@ -22,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from ring import bench_env, mpi_ranks, start, stop  # noqa: E402
 from server import STAY_AWAKE  # noqa: E402
 from spool import Spool  # noqa: E402
 
@@ -77,13 +79,8 @@ def main() -> None:
     args = parser.parse_args()
 
     spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
-    env = dict(os.environ, SPOOL_DIR=str(spool_dir), BACKEND="mpi", MLX_RING_ENV_FILE=os.devnull,
-               POLL_INTERVAL=str(args.poll_interval), LOG_LEVEL="WARNING")
-    if args.model:
-        env["MODEL_REPO"] = args.model
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks),
-           sys.executable, str(REPO / "server.py")]
-    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = bench_env(args.model, SPOOL_DIR=str(spool_dir), POLL_INTERVAL=str(args.poll_interval))
+    launcher = start(mpi_ranks(args.ranks), env)
     try:
         spool = Spool(spool_dir)
         print("waiting for the ring ...", flush=True)
@@ -111,12 +108,7 @@ def main() -> None:
               f"-> {'within' if added <= args.poll_interval else 'OVER'} one poll interval")
         print(f"max idle CPU per rank: {100 * max(usage.values()):.1f}% of a core")
     finally:
-        launcher.terminate()
-        try:
-            launcher.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-
+        stop(launcher)
 
 if __name__ == "__main__":
     main()

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from ring import bench_env, mpi_ranks  # noqa: E402
 
 PROMPT = "Tell me a short story about a lighthouse keeper and a storm."
 
@@ -45,13 +47,8 @@ def run_baseline(model: str, tokens: int) -> float:
 
 
 def run_pipeline(model: str, tokens: int, ranks: int) -> float:
-    env = dict(os.environ, MODEL_REPO=model, BACKEND="mpi", MLX_RING_ENV_FILE=os.devnull, LOG_LEVEL="WARNING")
-    cmd = [
-        "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks),
-        sys.executable, str(REPO / "server.py"),
-        "--prompt", PROMPT, "--chat", "--max-tokens", str(tokens), "--json",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    cmd = mpi_ranks(ranks, "--prompt", PROMPT, "--chat", "--max-tokens", str(tokens), "--json")
+    out = subprocess.run(cmd, env=bench_env(model), capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if len(result["token_ids"]) < tokens:
         raise SystemExit(f"the pipeline stopped after {len(result['token_ids'])} tokens; use a longer prompt")
