@@ -198,10 +198,15 @@ def _is_none(value: Any) -> bool:
     return value is None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class AssistantMessage(BaseModel):
@@ -362,6 +367,14 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("mlx_ring_queue_depth", "Requests waiting in the spool", registry=r)
         self.active = Gauge("mlx_ring_active_sequences", "Sequences rank 0 is generating", registry=r)
+        self.prompt_cache_hits = Counter("mlx_ring_prompt_cache_hits", "Requests that reused cached prompt KV",
+                                         registry=r)
+        self.prompt_cache_misses = Counter("mlx_ring_prompt_cache_misses", "Requests that reused no cached KV",
+                                           registry=r)
+        self.prompt_cache_reused = Counter("mlx_ring_prompt_cache_reused_tokens",
+                                           "Prompt tokens taken from the prompt cache", registry=r)
+        self.prompt_cache_tokens = Gauge("mlx_ring_prompt_cache_tokens", "Tokens held in rank 0's prompt cache",
+                                         registry=r)
 
 
 # ---------------------------------------------------------------------------
@@ -556,6 +569,9 @@ def _finished(feed: EventFeed, final: dict, metrics: Metrics) -> Usage:
     usage = _usage(final)
     metrics.prompt_tokens.inc(usage.prompt_tokens)
     metrics.completion_tokens.inc(usage.completion_tokens)
+    cached = usage.prompt_tokens_details.cached_tokens
+    (metrics.prompt_cache_hits if cached else metrics.prompt_cache_misses).inc()
+    metrics.prompt_cache_reused.inc(cached)
     log.info("request %s finished: %s, %d+%d tokens in %.3f s", feed.request_id, final.get("finish_reason"),
              usage.prompt_tokens, usage.completion_tokens, time.monotonic() - feed.queued_at)
     return usage
@@ -798,6 +814,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fresh = _heartbeat_problem(beat, settings.heartbeat_timeout) is None
         metrics.queue_depth.set(spool.queue_depth())
         metrics.active.set(beat.get("active", 0) if fresh else 0)
+        metrics.prompt_cache_tokens.set((beat.get("prompt_cache_tokens") or 0) if fresh else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

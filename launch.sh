@@ -52,17 +52,27 @@ pip_install() {
   "$PY" -m pip install -q "$@" 2> >(grep -v 'is ignored: it is neither a file' >&2)
 }
 
-# Debian packages, as PACKAGE:COMMAND pairs, installed when COMMAND is missing (Linux,
-# as root); elsewhere a hint. The ranks need Open MPI for BACKEND=mpi; the tests also
-# need sshd (hosts simulated in network namespaces) and shellcheck.
-RUNTIME_PACKAGES=(openmpi-bin:mpirun)
+# Debian packages, as PACKAGE:COMMAND or PACKAGE:/FILE pairs, installed when the command or
+# file is missing (Linux, as root); elsewhere a hint. The ranks need Open MPI for
+# BACKEND=mpi and OpenBLAS for FAST_BLAS (config/blas.py looks for this file); the tests
+# also need sshd (hosts simulated in network namespaces) and shellcheck.
+RUNTIME_PACKAGES=(openmpi-bin:mpirun "libopenblas0-pthread:/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0")
 TEST_PACKAGES=(openssh-server:sshd shellcheck:shellcheck)
+
+# True when the command or file that PACKAGE:CHECK names is there.
+package_present() {
+  local check=${1#*:}
+  case "$check" in
+    /*) [ -e "$check" ] ;;
+    *) command -v "$check" >/dev/null 2>&1 || [ -x "/usr/sbin/$check" ] ;;
+  esac
+}
 
 apt_install() {
   [ "$(uname -s)" = Linux ] || return 0
   local spec missing=()
   for spec in "$@"; do
-    command -v "${spec#*:}" >/dev/null 2>&1 || [ -x "/usr/sbin/${spec#*:}" ] || missing+=("${spec%%:*}")
+    package_present "$spec" || missing+=("${spec%%:*}")
   done
   [ "${#missing[@]}" -gt 0 ] || return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -676,7 +686,7 @@ cmd_restart() {
 }
 
 cmd_status() {
-  local up=0 entry alive host rank pid layers memory hostname rc
+  local up=0 entry alive host rank pid layers memory hostname blas rc
   load_settings
   if ring_running; then
     echo "ring: launcher pid $launcher_pid, ${#rank_host[@]} rank(s), BACKEND=$BACKEND"
@@ -689,15 +699,15 @@ cmd_status() {
   if [ "$hb_state" != ready ] || [ -z "$hb_age" ] || ! awk -v a="$hb_age" -v t="$HEARTBEAT_TIMEOUT" 'BEGIN { exit !(a <= t) }'; then
     up=1
   fi
-  printf '%-5s %-22s %-16s %-8s %-8s %-9s %s\n' RANK HOST HOSTNAME PID LAYERS MEMORY ALIVE
+  printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %s\n' RANK HOST HOSTNAME PID LAYERS MEMORY BLAS ALIVE
   for entry in ${hb_ranks[@]+"${hb_ranks[@]}"}; do
-    read -r rank pid layers memory hostname <<<"$entry"
+    read -r rank pid layers memory hostname blas <<<"$entry"
     host=${rank_host[$rank]:-?}
     rc=0
     pid_alive "$host" "$pid" server.py || rc=$?
     case "$rc" in 0) alive=yes ;; 1) alive=no ;; *) alive=unreachable ;; esac
     [ "$rc" -eq 0 ] || up=1
-    printf '%-5s %-22s %-16s %-8s %-8s %-9s %s\n' "$rank" "$host" "$hostname" "$pid" "$layers" "$memory" "$alive"
+    printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %s\n' "$rank" "$host" "$hostname" "$pid" "$layers" "$memory" "$blas" "$alive"
   done
   [ ${#hb_ranks[@]} -gt 0 ] || up=1
   if api_running; then

@@ -122,7 +122,8 @@ def port_free(host: str, port: int) -> bool:
 
 def heartbeat(spool_dir: str) -> list[str]:
     """Shell assignments from rank 0's heartbeat: hb_ms (its time), hb_age (by this host's clock),
-    hb_state, hb_model, hb_active, hb_reason and hb_ranks ("rank pid start-end memory host")."""
+    hb_state, hb_model, hb_active, hb_reason and hb_ranks ("rank pid start-end memory host blas",
+    the BLAS's kind without its library path: openblas, reference, accelerate)."""
     try:
         beat = json.loads((Path(spool_dir) / "heartbeat.json").read_bytes())
     except (OSError, ValueError):
@@ -134,7 +135,8 @@ def heartbeat(spool_dir: str) -> list[str]:
     for r in beat.get("ranks") or []:
         start, end = (r.get("layers") or [0, 0])[:2]
         memory = f"{r.get('memory', 0) / 2**30:.1f}GiB"
-        ranks.append(f"{r.get('rank')} {r.get('pid')} {start}-{end - 1} {memory} {r.get('host')}")
+        blas = str(r.get("blas") or "?").split(" ")[0] or "?"
+        ranks.append(f"{r.get('rank')} {r.get('pid')} {start}-{end - 1} {memory} {r.get('host')} {blas}")
     values = {
         "hb_ms": str(int(when * 1000)),
         "hb_age": f"{time.time() - when:.1f}" if when else "",

@@ -12,7 +12,9 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
@@ -75,7 +77,7 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
     prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
         started = time.perf_counter()
-        steps = cluster.pipeline.generate(prompt, params, max_tokens)
+        steps = cluster.scheduler.generate(prompt, params, max_tokens)
         for token in steps:
             if not tokens:
                 first_token_at = time.perf_counter()
@@ -89,7 +91,7 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
         log.error("request refused: %s", err)
         return 2
     finally:
-        cluster.pipeline.shutdown()
+        cluster.scheduler.shutdown()
     text = tokenizer.decode(tokens)
     if args.json:
         timings = {
@@ -105,16 +107,34 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
     return 0
 
 
+@dataclass
+class Reply:
+    """One request being answered: where its tokens go and what to report."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    stream: TextStream
+    cached_tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    claimed_at: float = field(default_factory=time.time)
+    first_token: Optional[float] = None
+    completion: int = 0
+
+
 class Serving:
     """Rank 0 in serve mode: spool in, ring, spool out."""
 
     def __init__(self, cluster: Cluster, settings, spool: Spool):
         self.cluster = cluster
+        self.scheduler = cluster.scheduler
         self.settings = settings
         self.spool = spool
         self.model = served_name(settings.model_repo)
         self.stopping = False
-        self.active = 0
+        self.replies: dict[int, Reply] = {}
+        self.held: Optional[tuple[str, dict]] = None  # claimed, waiting for KV room
+        self.peak_active = 0
         self.next_heartbeat = 0.0
         self.next_purge = 0.0
 
@@ -123,8 +143,18 @@ class Serving:
         if state == "ready" and now < self.next_heartbeat:
             return
         self.next_heartbeat = now + HEARTBEAT_EVERY
+        prompt_cache = self.scheduler.prompt_cache
         self.spool.write_heartbeat(
-            {"state": state, "model": self.model, "active": self.active, "ranks": self.cluster.ranks}
+            {
+                "state": state,
+                "model": self.model,
+                "active": len(self.replies),
+                "peak_active": self.peak_active,
+                "kv_capacity_tokens": self.scheduler.limits.kv_capacity,
+                "kv_reserved_tokens": self.scheduler.reserved,
+                "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
+                "ranks": self.cluster.ranks,
+            }
         )
         if now >= self.next_purge:
             self.next_purge = now + PURGE_EVERY
@@ -138,9 +168,11 @@ class Serving:
         last_work = time.monotonic()
         while not self.stopping:
             self.heartbeat()
-            job = self.spool.claim()
-            if job is not None:
-                self.handle(*job)
+            self.admit()
+            if self.scheduler.busy:
+                for seq, token in self.scheduler.step():
+                    self.on_token(seq, token)
+                self.check_cancelled()
                 last_work = time.monotonic()
             elif time.monotonic() - last_work < STAY_AWAKE:
                 # Recently busy: the others wait in a receive, so the next request starts at once.
@@ -149,73 +181,92 @@ class Serving:
                 # Idle: the others sleep instead of busy-polling a receive.
                 self.cluster.pipeline.idle(poll)
                 self.spool.wait_for_work(poll)
-        log.info("stopping")
+        log.info("stopping; %d requests stay claimed for the next start", len(self.replies))
         self.heartbeat("stopped")
-        self.cluster.pipeline.shutdown()
+        self.scheduler.shutdown()
         return 0
 
-    def handle(self, request_id: str, request: dict) -> None:
-        """Generate one request into its stream; cancellation and stops end it early."""
-        log.info("request %s: %d prompt tokens", request_id, len(request["prompt_tokens"]))
-        tokenizer = self.cluster.tokenizer
-        stream = TextStream(tokenizer, request.get("stop") or [])
-        params = SamplingParams.pick(request)
-        prompt = request["prompt_tokens"]
-        completion, finish_reason, stop_text_hit = 0, "length", False
-        started, claimed_at = time.perf_counter(), time.time()
-        first_token = None
-        self.active = 1
-        steps = self.cluster.pipeline.generate(prompt, params, request["max_tokens"])
-        try:
-            for token in steps:
-                first_token = first_token or time.perf_counter()
-                if self.spool.is_cancelled(request_id) or self.stopping:
-                    finish_reason = "cancelled"
-                    break
-                if token in tokenizer.eos_token_ids:
-                    finish_reason = "stop"
-                    break
-                completion += 1
-                text, hit = stream.add(token)
-                if text or hit:
-                    self.spool.append(request_id, {"type": "delta", "text": text, "token_ids": [token]})
-                if hit:
-                    finish_reason, stop_text_hit = "stop", True
-                    break
-                self.heartbeat()
-        except RequestError as err:
-            log.info("request %s refused: %s", request_id, err)
-            self.spool.finish(request_id, {"type": "error", "message": str(err), "code": err.code, "status": 400})
+    def admit(self) -> None:
+        """Start claimed requests while their KV reservations fit; the first one
+        that doesn't waits, and the rest stay in the spool."""
+        while not self.stopping:
+            if self.held is None:
+                self.held = self.spool.claim()
+                if self.held is None:
+                    return
+            request_id, request = self.held
+            prompt = request["prompt_tokens"]
+            try:
+                if not self.scheduler.fits(len(prompt), request["max_tokens"]):
+                    return
+                seq = self.scheduler.submit(prompt, SamplingParams.pick(request), request["max_tokens"])
+            except RequestError as err:
+                log.info("request %s refused: %s", request_id, err)
+                self.spool.finish(request_id, {"type": "error", "message": str(err), "code": err.code, "status": 400})
+                self.held = None
+                continue
+            self.held = None
+            cached = self.scheduler.sequences[seq].cached
+            stream = TextStream(self.cluster.tokenizer, request.get("stop") or [])
+            self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached)
+            self.peak_active = max(self.peak_active, self.scheduler.active)
+            log.info(
+                "request %s: %d prompt tokens (%d cached), %d active",
+                request_id, len(prompt), cached, len(self.replies),
+            )
+
+    def on_token(self, seq: int, token: int) -> None:
+        reply = self.replies[seq]
+        reply.first_token = reply.first_token or time.perf_counter()
+        if token in self.cluster.tokenizer.eos_token_ids:
+            self.end(seq, "stop")
             return
-        finally:
-            steps.close()
-            self.active = 0
-        if self.stopping:
-            return  # left claimed: the next start serves it again
+        reply.completion += 1
+        text, hit = reply.stream.add(token)
+        if text or hit:
+            self.spool.append(reply.request_id, {"type": "delta", "text": text, "token_ids": [token]})
+        if hit:
+            self.end(seq, "stop", stop_text_hit=True)
+        elif reply.completion >= reply.max_tokens:
+            self.end(seq, "length")
+
+    def check_cancelled(self) -> None:
+        for seq, reply in list(self.replies.items()):
+            if self.spool.is_cancelled(reply.request_id):
+                self.end(seq, "cancelled")
+
+    def end(self, seq: int, finish_reason: str, stop_text_hit: bool = False) -> None:
+        """Write a request's final record; its sequence leaves the ring."""
+        self.scheduler.finish(seq)
+        reply = self.replies.pop(seq)
         if not stop_text_hit:
             # Held-back text (a partial character, a possible stop string's start) is reply.
-            tail = stream.finish()
+            tail = reply.stream.finish()
             if tail:
-                self.spool.append(request_id, {"type": "delta", "text": tail, "token_ids": []})
-        elapsed = time.perf_counter() - started
+                self.spool.append(reply.request_id, {"type": "delta", "text": tail, "token_ids": []})
+        now = time.perf_counter()
         self.spool.finish(
-            request_id,
+            reply.request_id,
             {
                 "type": "final",
                 "finish_reason": finish_reason,
                 "usage": {
-                    "prompt_tokens": len(prompt),
-                    "completion_tokens": completion,
-                    "total_tokens": len(prompt) + completion,
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion,
+                    "total_tokens": reply.prompt_tokens + reply.completion,
+                    "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
                 },
                 "timings": {
-                    "claimed_at": claimed_at,
-                    "time_to_first_token": (first_token or time.perf_counter()) - started,
-                    "total": elapsed,
+                    "claimed_at": reply.claimed_at,
+                    "time_to_first_token": (reply.first_token or now) - reply.started,
+                    "total": now - reply.started,
                 },
             },
         )
-        log.info("request %s: %s after %d tokens in %.2fs", request_id, finish_reason, completion, elapsed)
+        log.info(
+            "request %s: %s after %d tokens in %.2fs",
+            reply.request_id, finish_reason, reply.completion, now - reply.started,
+        )
 
 
 def serve(cluster: Cluster, settings, spool: Spool) -> int:

@@ -23,9 +23,12 @@ from ring import bench_env, mpi_ranks  # noqa: E402
 
 PROMPT = "Tell me a short story about a lighthouse keeper and a storm."
 
-# Run in a child process so that both sides start equally cold.
+# Run in a child process so that both sides start equally cold, with the ranks' settings
+# and so the ranks' BLAS (chosen before MLX is imported, see config/blas.py).
 BASELINE = """
 import json, sys, time
+from config.blas import use_blas
+use_blas()
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import generate_step
@@ -41,7 +44,7 @@ print(json.dumps({"decode_tokens_per_second": (len(stamps) - 1) / (stamps[-1] - 
 def run_baseline(model: str, tokens: int) -> float:
     out = subprocess.run(
         [sys.executable, "-c", BASELINE, model, PROMPT, str(tokens)],
-        capture_output=True, text=True, check=True,
+        env=bench_env(model), cwd=REPO, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["decode_tokens_per_second"]
 

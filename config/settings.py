@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     kv_bits: Optional[int] = None
     kv_group_size: int = 64
     quantized_kv_start: int = Field(5000, ge=0)
+    prompt_cache_mb: int = Field(1024, ge=0)
+
+    # Math library: on Linux, preload Debian's OpenBLAS over the mlx-cpu wheel's reference BLAS
+    fast_blas: bool = True
 
     # Cluster
     backend: Literal["any", "ring", "mpi", "jaccl"] = "any"

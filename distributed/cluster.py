@@ -13,6 +13,7 @@ from config import Settings
 from distributed.group import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
 from distributed.pipeline import Limits, Pipeline
+from distributed.scheduler import Scheduler
 from distributed.split import plan_split
 from distributed.shard import (
     Stage,
@@ -36,6 +37,7 @@ class Cluster:
     group: mx.distributed.Group
     stage: Stage
     pipeline: Pipeline
+    scheduler: Optional[Scheduler]  # rank 0 only
     ranks: list[dict]
     model_path: Path
     config: dict
@@ -73,11 +75,17 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         "kv_bytes_per_token": per_token,
     }
     ranks = all_gather_json(group, record)
-    budget = settings.kv_cache_reserved_memory_mb * 2**20
-    capacities = [token_capacity(budget, r["kv_bytes_per_token"], kv) for r in ranks]
-    bounded = [c for c in capacities if c is not None]
-    limits = Limits(settings.max_sequence_length, min(bounded) if bounded else None)
-    log.info("ring ready: %d ranks, KV capacity %s tokens per sequence", size, limits.kv_capacity or "unbounded")
-    pipeline = Pipeline(model, stage, group, kv, settings.prefill_step_size, limits)
-    tokenizer = load_stage_tokenizer(path, config) if stage.is_first else None
-    return Cluster(group, stage, pipeline, ranks, path, config, tokenizer)
+    largest = max(r["kv_bytes_per_token"] for r in ranks)
+    limits = Limits(
+        settings.max_sequence_length,
+        token_capacity(settings.kv_cache_reserved_memory_mb * 2**20, largest),
+        kv,
+    )
+    log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
+    pipeline = Pipeline(model, stage, group, kv)
+    scheduler = tokenizer = None
+    if stage.is_first:
+        prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
+        scheduler = Scheduler(pipeline, limits, settings.prefill_step_size, prompt_cache_tokens)
+        tokenizer = load_stage_tokenizer(path, config)
+    return Cluster(group, stage, pipeline, scheduler, ranks, path, config, tokenizer)

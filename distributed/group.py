@@ -11,6 +11,8 @@ import socket
 
 import mlx.core as mx
 
+from config.blas import use_blas
+
 log = logging.getLogger(__name__)
 
 # Bytes reserved per rank when gathering a JSON record.
@@ -68,4 +70,5 @@ def rank_record(rank: int) -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "memory": available_memory(),
+        "blas": use_blas(),  # chosen when the package was imported: this returns that choice
     }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache, trim_prompt_cache
 
 # Tokens a KVCache allocates at a time: room it may hold beyond what is used.
 ALLOCATION_STEP = KVCache.step
@@ -47,10 +48,12 @@ class StageCache:
     kind: all layers of a kind see the same tokens, so the mask comes out right.
     """
 
-    def __init__(self, model: nn.Module, start: int, end: int, kv: KVSettings):
+    def __init__(
+        self, model: nn.Module, start: int, end: int, kv: KVSettings, local: Optional[list] = None
+    ):
         caches = make_model_cache(model, kv)
         self.kv = kv
-        self.local = caches[start:end]
+        self.local = caches[start:end] if local is None else local
         by_kind = {}
         for i, c in enumerate(self.local):
             by_kind.setdefault(_kind(c), i)
@@ -70,6 +73,25 @@ class StageCache:
             if type(c) is KVCache and c.offset >= self.kv.quantized_start:
                 self.local[i] = c.to_quantized(group_size=self.kv.group_size, bits=self.kv.bits)
 
+    def join(self, other: "StageCache") -> None:
+        """Append the sequences of `other` as new batch rows (mlx-lm's batch caches)."""
+        if hasattr(self.local[0], "extend"):
+            for mine, theirs in zip(self.local, other.local):
+                mine.extend(theirs if hasattr(theirs, "extend") else theirs.merge([theirs]))
+        else:
+            self.local = [mine.merge([mine, theirs]) for mine, theirs in zip(self.local, other.local)]
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every batch row not in `rows`."""
+        for c in self.local:
+            c.filter(rows)
+
+    def row(self, index: int) -> list:
+        """A copy of one sequence's caches, unbatched."""
+        if hasattr(self.local[0], "extract"):
+            return [c.extract(index) for c in self.local]
+        return copy.deepcopy(self.local)
+
     @property
     def state(self) -> list:
         return [c.state for c in self.local]
@@ -77,6 +99,23 @@ class StageCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.local)
+
+
+def can_batch(model: nn.Module, kv: KVSettings) -> bool:
+    """Whether sequences can share batch caches: mlx-lm has no batched quantized cache."""
+    return kv.bits is None and all(hasattr(c, "merge") for c in make_model_cache(model, kv))
+
+
+def can_reuse_prefixes(model: nn.Module, kv: KVSettings) -> bool:
+    """Whether a cache may be cut back to any prefix: only plain KV caches always can."""
+    return kv.bits is None and all(type(c) is KVCache for c in make_model_cache(model, kv))
+
+
+def restore(caches: list, tokens: int) -> list:
+    """A copy of stored `caches` cut back to their first `tokens` tokens."""
+    restored = copy.deepcopy(caches)
+    trim_prompt_cache(restored, restored[0].offset - tokens)
+    return restored
 
 
 def kv_bytes_per_token(layers: list[nn.Module], hidden_size: int, dtype: mx.Dtype) -> int:
@@ -92,10 +131,14 @@ def kv_bytes_per_token(layers: list[nn.Module], hidden_size: int, dtype: mx.Dtyp
     return total
 
 
-def token_capacity(budget_bytes: int, per_token: int, kv: KVSettings) -> Optional[int]:
-    """Most tokens one sequence may reach within `budget_bytes` of KV cache;
-    None when a rotating window always fits."""
-    slots = budget_bytes // max(per_token, 1) - ALLOCATION_STEP
-    if kv.max_size is not None and kv.max_size <= slots:
-        return None
-    return max(slots, 0)
+def token_capacity(budget_bytes: int, per_token: int) -> int:
+    """KV tokens that fit in `budget_bytes`, all active sequences together."""
+    return budget_bytes // max(per_token, 1)
+
+
+def tokens_reserved(tokens: int, kv: KVSettings) -> int:
+    """KV tokens to reserve for a sequence that may reach `tokens`: caches grow in
+    whole allocation steps, and a rotating window never holds more than its size."""
+    if kv.max_size is not None:
+        tokens = min(tokens, kv.max_size)
+    return -(-tokens // ALLOCATION_STEP) * ALLOCATION_STEP

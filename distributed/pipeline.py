@@ -1,9 +1,11 @@
-"""Pipelined generation around the ring.
+"""The ring's protocol and each rank's tables of sequence groups.
 
-Rank 0 embeds and runs the first layers, each rank passes the hidden state to
-the next, the last rank samples and sends the token ids back to rank 0. Every
-message starts with a small header; the per-sequence table on each rank is
-keyed by the header's sequence id, so batching can grow from here.
+Rank 0 (see `distributed.scheduler`) decides everything and sends each decision
+around the ring as a message: open a sequence, step a group, merge two groups,
+a sequence leaves, a stored cache is evicted. Every rank applies the messages in
+the order they arrive, so all ranks' tables stay alike. A step runs one group
+(one batch row per sequence) through this rank's layers; the last rank samples
+and sends the group's tokens back to rank 0.
 """
 
 from __future__ import annotations
@@ -11,20 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from distributed.kv_cache import KVSettings, StageCache
+from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
 from distributed.sampling import SamplingParams, TokenSampler
 from distributed.shard import Stage
 
 log = logging.getLogger(__name__)
 
-OP_STOP, OP_IDLE, OP_START, OP_STEP, OP_END = range(5)
+OP_STOP, OP_IDLE, OP_START, OP_STEP, OP_MERGE, OP_LEAVE, OP_EVICT = range(7)
 
 
 class RequestError(ValueError):
@@ -37,23 +39,30 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    """Sent ahead of every message. `length` is tokens for STEP, payload bytes
-    for START and milliseconds for IDLE."""
+    """Sent ahead of every message.
+
+    START: `group` and `seq` are new ids, `length` the payload's bytes.
+    STEP: `length` tokens per row; `flag` set when the last rank samples.
+    MERGE: `seq` is the group merged into `group`.
+    LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
+    EVICT: `seq` is the stored entry to drop. IDLE: `length` milliseconds.
+    """
 
     op: int
+    group: int = 0
     seq: int = 0
     length: int = 0
-    sample: int = 0
+    flag: int = 0
 
     def encode(self) -> mx.array:
-        return mx.array([self.op, self.seq, self.length, self.sample], dtype=mx.int32)
+        return mx.array([self.op, self.group, self.seq, self.length, self.flag], dtype=mx.int32)
 
     @classmethod
     def decode(cls, data: mx.array) -> "Header":
         return cls(*data.tolist())
 
 
-HEADER_SHAPE = (4,)
+HEADER_SHAPE = (5,)
 
 
 # Share of an expected wait for a neighbour spent asleep; the rest busy-polls.
@@ -86,21 +95,26 @@ class Nap:
 
 
 @dataclass
-class Sequence:
-    """One active sequence on this rank."""
+class Group:
+    """Sequences that step together, one batch row each, in `members` order."""
 
+    members: list[int]
     cache: StageCache
-    sampler: Optional[TokenSampler]
+    samplers: list[TokenSampler] = field(default_factory=list)  # last rank only
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-sequence token limits: MAX_SEQUENCE_LENGTH and what the KV budget holds."""
+    """Token limits: MAX_SEQUENCE_LENGTH per sequence, and the KV tokens that
+    KV_CACHE_RESERVED_MEMORY_MB holds on the tightest rank, for all active
+    sequences together."""
 
     max_sequence_length: int
-    kv_capacity: Optional[int] = None
+    kv_capacity: int
+    kv: KVSettings = KVSettings()
 
-    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+    def reserve(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV tokens a sequence needs; refuses work that could never run."""
         total = prompt_tokens + max_tokens
         if prompt_tokens < 1:
             raise RequestError("the prompt has no tokens", "invalid_prompt")
@@ -110,34 +124,26 @@ class Limits:
                 f"to generate) but MAX_SEQUENCE_LENGTH is {self.max_sequence_length}",
                 "context_length_exceeded",
             )
-        if self.kv_capacity is not None and total > self.kv_capacity:
+        need = tokens_reserved(total, self.kv)
+        if need > self.kv_capacity:
             raise RequestError(
-                f"this request needs {total} tokens of KV cache but "
-                f"KV_CACHE_RESERVED_MEMORY_MB holds {self.kv_capacity} tokens per sequence",
+                f"this request needs {need} tokens of KV cache but "
+                f"KV_CACHE_RESERVED_MEMORY_MB holds {self.kv_capacity} tokens",
                 "kv_cache_exceeded",
             )
+        return need
 
 
 class Pipeline:
-    """This rank's part of the ring: rank 0 calls `generate`, the others `follow`."""
+    """This rank's part of the ring: its model stage, group table and stored caches."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        stage: Stage,
-        group: mx.distributed.Group,
-        kv: KVSettings,
-        prefill_step_size: int,
-        limits: Limits,
-    ):
+    def __init__(self, model: nn.Module, stage: Stage, group: mx.distributed.Group, kv: KVSettings):
         self.model = model
         self.stage = stage
         self.group = group
         self.kv = kv
-        self.prefill_step_size = prefill_step_size
-        self.limits = limits
-        self.sequences: dict[int, Sequence] = {}
-        self._next_seq = 0
+        self.groups: dict[int, Group] = {}
+        self.stored: dict[int, list] = {}
         self.nap = Nap()
 
     # Transport: neighbour-only, as the ring backend requires.
@@ -150,13 +156,17 @@ class Pipeline:
         mx.eval(data)
         return data
 
-    def _broadcast(self, header: Header, payload: bytes = b"") -> None:
+    def broadcast(self, header: Header, payload: bytes = b"") -> None:
         """Rank 0: start a message around the ring."""
         if self.stage.size == 1:
             return
         self._send(header.encode(), self.stage.next_rank)
         if payload:
             self._send(mx.array(np.frombuffer(payload, dtype=np.uint8)), self.stage.next_rank)
+
+    def receive_tokens(self, rows: int) -> mx.array:
+        """Rank 0 of a ring: the tokens of the oldest step in flight (lazy)."""
+        return mx.distributed.recv((rows,), mx.int32, self.stage.prev_rank, group=self.group)
 
     def _receive(self) -> tuple[Header, bytes]:
         """Other ranks: take the next message and pass it on (the last rank doesn't)."""
@@ -173,118 +183,79 @@ class Pipeline:
             payload = bytes(memoryview(data))
         return header, payload
 
-    # The per-sequence table.
+    # The table; every rank applies the same changes in the same order.
 
-    def _open(self, seq: int, work: dict) -> None:
-        sampler = None
+    def open(self, group: int, seq: int, work: dict) -> None:
+        """A new sequence, alone in a new group; `work` holds its prompt, sampling
+        parameters, and the stored cache it starts from, if any."""
+        local = None
+        if work.get("reuse"):
+            entry, tokens = work["reuse"]
+            local = restore(self.stored[entry], tokens)
+        cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv, local)
+        samplers = []
         if self.stage.is_last:
-            sampler = TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])
-        cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv)
-        self.sequences[seq] = Sequence(cache, sampler)
+            samplers = [TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])]
+        self.groups[group] = Group([seq], cache, samplers)
 
-    def _close(self, seq: int) -> None:
-        self.sequences.pop(seq, None)
+    def merge(self, into: int, group: int) -> None:
+        """The rows of `group` join `into`, after its own."""
+        joining = self.groups.pop(group)
+        target = self.groups[into]
+        target.cache.join(joining.cache)
+        target.members += joining.members
+        target.samplers += joining.samplers
 
-    def _run(self, header: Header, ids: mx.array) -> list:
-        """Build this stage's graph for one step; returns what to evaluate. The
-        last stage samples when asked to; its token (last in the list) also goes
-        to rank 0 when that is another rank."""
-        seq = self.sequences[header.seq]
-        out = self.model(ids[None], cache=seq.cache.view())
-        seq.cache.maybe_quantize()
-        if not (self.stage.is_last and header.sample):
-            # Prefill on the last stage: like mlx-lm, skip the logits nobody reads.
-            return [seq.cache.state] if self.stage.is_last else [out, seq.cache.state]
-        token = seq.sampler(out)
+    def leave(self, group: int, seq: int, store: Optional[int] = None) -> None:
+        """`seq` is done; with `store`, its cache is kept as that stored entry."""
+        target = self.groups[group]
+        row = target.members.index(seq)
+        if store is not None:
+            self.stored[store] = target.cache.row(row)
+        if len(target.members) == 1:
+            del self.groups[group]
+            return
+        rows = [i for i in range(len(target.members)) if i != row]
+        target.cache.keep(rows)
+        target.members.pop(row)
+        if target.samplers:
+            target.samplers.pop(row)
+
+    def evict(self, entry: int) -> None:
+        self.stored.pop(entry, None)
+
+    def run(self, group: int, ids: mx.array, sample: bool) -> list:
+        """Build this stage's graph for one step of `group` (ids: rows x tokens);
+        returns what to evaluate. On the last stage that ends with the group's
+        tokens, sent on to rank 0 when that is another rank."""
+        target = self.groups[group]
+        out = self.model(ids, cache=target.cache.view())
+        target.cache.maybe_quantize()
+        if not self.stage.is_last:
+            return [out, target.cache.state]
+        if sample:
+            tokens = mx.concatenate([s(out[i : i + 1]) for i, s in enumerate(target.samplers)])
+        else:
+            # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
+            # still goes back, so rank 0 never has more steps in flight than ranks.
+            tokens = mx.zeros((ids.shape[0],), dtype=mx.int32)
         if self.stage.size > 1:
-            token = mx.distributed.send(token, self.stage.next_rank, group=self.group)
-        return [seq.cache.state, token]
+            tokens = mx.distributed.send(tokens, self.stage.next_rank, group=self.group)
+        return [target.cache.state, tokens]
 
-    # Rank 0.
-
-    def _step(self, seq: int, tokens: list[int], sample: bool) -> Optional[int]:
-        """One step, waited for: prompt chunks and the first token."""
-        header = Header(OP_STEP, seq, len(tokens), int(sample))
-        self._broadcast(header)
-        work = self._run(header, mx.array(tokens, dtype=mx.int32))
-        mx.eval(work)
-        if not sample:
-            return None
-        if self.stage.size > 1:
-            return self._recv((1,), mx.int32, self.stage.prev_rank).item()
-        return work[-1].item()
-
-    def _decode_alone(self, seq: int, first: int, max_tokens: int) -> Iterator[int]:
-        """A group of one: as in mlx-lm, the next step runs while the caller
-        handles this token."""
-        header = Header(OP_STEP, seq, 1, 1)
-        token = mx.array([first], dtype=mx.int32)
-        in_flight = None
-        try:
-            for produced in range(1, max_tokens + 1):
-                if produced < max_tokens:
-                    in_flight = self._run(header, token)
-                    mx.async_eval(in_flight)
-                yield token.item()
-                token, in_flight = (in_flight[-1] if in_flight else None), None
-        finally:
-            if in_flight is not None:
-                mx.eval(in_flight)
-
-    def _decode_ring(self, seq: int, first: int, max_tokens: int) -> Iterator[int]:
-        """Rank 0 of a ring. A step's graph is built on its input token before
-        that token arrives, and rank 0 naps through most of the wait, so the only
-        work on the critical path is MLX's own. (MLX evaluates distributed ops
-        synchronously, so the step cannot be queued ahead as mlx-lm does.)"""
-        header = Header(OP_STEP, seq, 1, 1)
-        self.nap.expected = 0.0
-        work = self._run(header, mx.array([first], dtype=mx.int32)) if max_tokens > 1 else None
-        yield first
-        for produced in range(2, max_tokens + 1):
-            self._send(header.encode(), self.stage.next_rank)
-            mx.eval(work)
-            token = mx.distributed.recv((1,), mx.int32, self.stage.prev_rank, group=self.group)
-            work = self._run(header, token) if produced < max_tokens else None
-            self.nap.wait(token, self.nap.sleep())
-            yield token.item()
-
-    def generate(
-        self, prompt: list[int], params: SamplingParams, max_tokens: int
-    ) -> Iterator[int]:
-        """Yield up to `max_tokens` token ids; the caller stops early (EOS, stop
-        strings, cancel) by closing the generator."""
-        self.limits.check(len(prompt), max_tokens)
-        seq = self._next_seq
-        self._next_seq += 1
-        work = {"prompt": prompt, "params": params.to_dict()}
-        payload = json.dumps(work).encode()
-        self._broadcast(Header(OP_START, seq, len(payload)), payload)
-        self._open(seq, work)
-        try:
-            rest = prompt
-            # Same chunking as mlx-lm's generate_step, so outputs match it exactly.
-            while len(rest) > 1:
-                n = min(self.prefill_step_size, len(rest) - 1)
-                self._step(seq, rest[:n], sample=False)
-                rest = rest[n:]
-            first = self._step(seq, rest, sample=True)
-            decode = self._decode_ring if self.stage.size > 1 else self._decode_alone
-            yield from decode(seq, first, max_tokens)
-        finally:
-            self._broadcast(Header(OP_END, seq))
-            self._close(seq)
+    # Rank 0, ring-wide.
 
     def idle(self, seconds: float) -> None:
         """Rank 0 with no work: tell the others to sleep rather than wait in a
         receive, which both MLX backends busy-poll. The last rank acknowledges,
         so idle messages never pile up behind a sleeping rank."""
-        self._broadcast(Header(OP_IDLE, length=int(seconds * 1000)))
+        self.broadcast(Header(OP_IDLE, length=int(seconds * 1000)))
         if self.stage.size > 1:
             self._recv((1,), mx.int32, self.stage.prev_rank)
 
     def shutdown(self) -> None:
         """Rank 0: release the other ranks from `follow`."""
-        self._broadcast(Header(OP_STOP))
+        self.broadcast(Header(OP_STOP))
 
     # Other ranks.
 
@@ -299,14 +270,22 @@ class Pipeline:
                     self._send(mx.array([header.op], dtype=mx.int32), self.stage.next_rank)
                 time.sleep(header.length / 1000)
             elif header.op == OP_START:
-                self._open(header.seq, json.loads(payload))
-                self.nap.expected = 0.0
+                self.open(header.group, header.seq, json.loads(payload))
             elif header.op == OP_STEP:
-                work = self._run(header, mx.zeros((header.length,), dtype=mx.int32))
-                if header.length == 1:
-                    # Decode: a steady wait for the previous rank, worth napping through.
-                    receiver = self.model.model.layers[self.stage.start]
-                    self.nap.wait(receiver.received, self.nap.sleep())
-                mx.eval(work)
-            elif header.op == OP_END:
-                self._close(header.seq)
+                self._follow_step(header)
+            elif header.op == OP_MERGE:
+                self.merge(header.group, header.seq)
+            elif header.op == OP_LEAVE:
+                self.leave(header.group, header.seq, header.length if header.flag else None)
+            elif header.op == OP_EVICT:
+                self.evict(header.seq)
+
+    def _follow_step(self, header: Header) -> None:
+        rows = len(self.groups[header.group].members)
+        ids = mx.zeros((rows, header.length), dtype=mx.int32)
+        work = self.run(header.group, ids, bool(header.flag))
+        if header.length == 1:
+            # Decode: a steady wait for the previous rank, worth napping through.
+            receiver = self.model.model.layers[self.stage.start]
+            self.nap.wait(receiver.received, self.nap.sleep())
+        mx.eval(work)

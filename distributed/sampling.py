@@ -30,6 +30,10 @@ class SamplingParams:
         return cls(**given)
 
 
+# Tokens a seeded sequence may draw before its random stream overlaps the next seed's.
+SEED_STRIDE = 1_000_003
+
+
 class TokenSampler:
     """Samples one sequence's tokens the way mlx-lm's generate_step does."""
 
@@ -39,8 +43,8 @@ class TokenSampler:
         )
         self.processors = make_logits_processors(repetition_penalty=params.repetition_penalty)
         self.history = mx.array(prompt, dtype=mx.int32)
-        if params.seed is not None:
-            mx.random.seed(params.seed)
+        self.seed = params.seed
+        self.drawn = 0
 
     def __call__(self, logits: mx.array) -> mx.array:
         """Next token (shape [1]) from the logits of the last position."""
@@ -48,6 +52,11 @@ class TokenSampler:
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        if self.seed is not None:
+            # Sequences share MLX's one random state and step in any order: a
+            # seeded one reseeds it per token, so its draws are its own.
+            mx.random.seed((self.seed * SEED_STRIDE + self.drawn) % 2**64)
+            self.drawn += 1
         token = self.sample(logprobs).astype(mx.int32)
         if self.processors:
             self.history = mx.concatenate([self.history, token])

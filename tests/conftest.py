@@ -9,8 +9,17 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
+
+from config import Settings
+from config.blas import use_blas
+
+# References computed here must use the BLAS of the ranks they are compared with. Ranks
+# started by run_ranks get no developer settings (rank_env), so FAST_BLAS's default; the
+# choice has to come before MLX is first imported.
+use_blas(Settings.model_fields["fast_blas"].default)
+
+import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
@@ -45,13 +54,7 @@ def default_model(model_cache) -> Path:
     return Path(resolve_model(None, model_cache))
 
 
-def _setting_names() -> set[str]:
-    from config import Settings
-
-    return {name.upper() for name in Settings.model_fields}
-
-
-SETTING_NAMES = _setting_names()
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
 def rank_env(extra: dict[str, str]) -> dict[str, str]:

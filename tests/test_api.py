@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import mlx_lm
 import openai
 import pytest
 import uvicorn
-from conftest import rank_env
+from conftest import launch_command, rank_env
 from mlx_lm.sample_utils import make_sampler
 
 from api import create_app
@@ -287,25 +286,25 @@ def test_client_disconnect_while_queued_cancels(api: ApiServer, model_id: str) -
 # Against the real rank 0: server.py in serve mode
 # ---------------------------------------------------------------------------
 
-SERVER = REPO_DIR / "server.py"
 
 
 class RankProcess:
-    """`python server.py` as one rank 0 in serve mode; can be killed and started again."""
+    """`python server.py` in serve mode (one rank, or `ranks` under MPI); can be killed
+    and started again."""
 
-    def __init__(self, model: Path, spool_dir: Path, **settings: str) -> None:
+    def __init__(self, model: Path, spool_dir: Path, ranks: int = 1, **settings: str) -> None:
         self.spool = Spool(spool_dir)
         self.log_path = spool_dir.parent / "server.log"
-        self.env = rank_env({"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir),
+        self.env = rank_env({"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir), "BACKEND": "mpi",
                              "MAX_SEQUENCE_LENGTH": str(RING_MAX_SEQ), **settings})
+        self.command = launch_command(ranks, "mpi", [])
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start it and wait for a heartbeat saying ready written by this run."""
         started = time.time()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, str(SERVER)], cwd=REPO_DIR, env=self.env,
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.command, cwd=REPO_DIR, env=self.env, stdout=log, stderr=log)
 
         def ready() -> bool:
             beat = self.spool.read_heartbeat() or {}

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from config import REPO_DIR, Settings
+from config.blas import find_openblas
 
 LAUNCH = REPO_DIR / "launch.sh"
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
@@ -245,6 +246,8 @@ def test_local_mpi_start_status_restart_stop(local_mpi: Launcher) -> None:
     rows = [line.split() for line in status.stdout.splitlines() if line[:1].isdigit()]
     assert [(r[0], r[-1]) for r in rows] == [("0", "yes"), ("1", "yes"), ("2", "yes")], status.stdout
     assert [r[4] for r in rows] == ["0-1", "2-3", "4-5"], "layer ranges"
+    blas = "accelerate" if sys.platform != "linux" else "openblas" if find_openblas() else "reference"
+    assert [r[6] for r in rows] == [blas] * 3, status.stdout
     assert "/health 200" in status.stdout
     restart_with_queued_request(local_mpi, url)
     logs = local_mpi.run("logs", "-n", "5", timeout=60)

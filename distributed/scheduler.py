@@ -1,0 +1,323 @@
+"""Rank 0's scheduler: continuous batching, with micro-batches in flight around the ring.
+
+Active sequences are split into up to one decode group per rank; every group
+has at most one step in flight, and up to one step per rank is in flight in all,
+so under load each stage works on a different group at once. A new sequence is
+prefilled in chunks as a group of its own, between other groups' steps, then
+joins the smallest decode group (mlx-lm's batch caches take it as a new row).
+A group's next step is built on its tokens before they arrive; a sequence that
+ended meanwhile rides along that one step and leaves after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+from distributed.kv_cache import can_batch, can_reuse_prefixes
+from distributed.pipeline import (
+    OP_EVICT,
+    OP_LEAVE,
+    OP_MERGE,
+    OP_START,
+    OP_STEP,
+    Header,
+    Limits,
+    Pipeline,
+)
+from distributed.prompt_cache import PromptCacheIndex
+from distributed.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    """One sequence as rank 0 tracks it."""
+
+    group: int
+    tokens: list[int]  # the prompt, then every token generated
+    prompt_tokens: int
+    max_tokens: int
+    reserved: int  # KV tokens held for it
+    cached: int  # prompt tokens taken from the prompt cache
+    fed: int  # tokens the model has been given
+    finished: bool = False
+    left: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_tokens
+
+
+@dataclass
+class Batch:
+    """Rank 0's view of a group."""
+
+    group: int
+    members: list[int]
+    decoding: bool = False
+    work: Optional[list] = None  # its next decode step, built ahead
+
+
+@dataclass
+class Flight:
+    """A launched step whose tokens (or acknowledgement) are on their way back."""
+
+    group: int
+    members: list[int]
+    tokens: mx.array
+    sample: bool
+
+
+class Scheduler:
+    def __init__(
+        self, pipeline: Pipeline, limits: Limits, prefill_step_size: int, prompt_cache_tokens: int
+    ):
+        self.pipeline = pipeline
+        self.limits = limits
+        self.prefill_step_size = prefill_step_size
+        size = pipeline.stage.size
+        self.max_in_flight = size
+        # Without batch caches (quantized KV), every sequence is a group of its own.
+        self.max_groups = size if can_batch(pipeline.model, pipeline.kv) else None
+        self.prompt_cache: Optional[PromptCacheIndex] = None
+        if prompt_cache_tokens > 0 and can_reuse_prefixes(pipeline.model, pipeline.kv):
+            self.prompt_cache = PromptCacheIndex(prompt_cache_tokens)
+        self.sequences: dict[int, Sequence] = {}
+        self.batches: dict[int, Batch] = {}
+        self.ready: deque[int] = deque()  # groups to launch, in turn
+        self.waiting: list[int] = []  # prefilled groups of one, to merge into a decode group
+        self.flights: deque[Flight] = deque()
+        self.reserved = 0
+        self._next_id = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batches or self.flights)
+
+    @property
+    def active(self) -> int:
+        """Sequences holding KV cache on the ring."""
+        return sum(not s.left for s in self.sequences.values())
+
+    def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether a request's KV reservation fits now; RequestError if it never will."""
+        return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
+
+    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> int:
+        """Start a sequence; its tokens come out of `step`. Returns its id."""
+        reserved = self.limits.reserve(len(prompt), max_tokens)
+        reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
+        seq = group = self._next_id
+        self._next_id += 1
+        work = {
+            "prompt": prompt,
+            "params": params.to_dict(),
+            "reuse": [reuse.entry, reuse.tokens] if reuse else None,
+        }
+        payload = json.dumps(work).encode()
+        self.pipeline.broadcast(Header(OP_START, group, seq, len(payload)), payload)
+        self.pipeline.open(group, seq, work)
+        cached = reuse.tokens if reuse else 0
+        self.sequences[seq] = Sequence(group, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
+        self.batches[group] = Batch(group, [seq])
+        self.ready.append(group)
+        self.reserved += reserved
+        return seq
+
+    def finish(self, seq: int) -> None:
+        """No more tokens wanted for `seq` (stop, cancel); it leaves its group
+        before that group's next step or right after it."""
+        sequence = self.sequences.get(seq)
+        if sequence is None:
+            return
+        sequence.finished = True
+        if sequence.left:
+            del self.sequences[seq]
+
+    def step(self) -> list[tuple[int, int]]:
+        """Launch what may go, then wait for the oldest step in flight; returns
+        the (sequence, token) pairs it produced."""
+        self._promote_waiting()
+        while self.ready and len(self.flights) < self.max_in_flight:
+            batch = self.batches.get(self.ready.popleft())
+            if batch is not None:
+                self._launch(batch)
+        return self._collect() if self.flights else []
+
+    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
+        """One sequence's tokens; the caller stops early by closing the generator."""
+        seq = self.submit(prompt, params, max_tokens)
+        try:
+            while seq in self.sequences and not self.sequences[seq].finished:
+                for produced, token in self.step():
+                    if produced == seq:
+                        yield token
+        finally:
+            self.finish(seq)
+
+    def drain(self) -> None:
+        """Wait for every step in flight (before stopping or idling the ring)."""
+        while self.flights:
+            self._collect()
+
+    def shutdown(self) -> None:
+        """Release the other ranks, once nothing is in flight."""
+        self.drain()
+        self.pipeline.shutdown()
+
+    # Launching steps.
+
+    def _launch(self, batch: Batch) -> None:
+        if all(self.sequences[s].finished for s in batch.members):
+            # Nobody wants this step: drop the group (and any step built ahead) unlaunched.
+            for seq in list(batch.members):
+                self._leave(batch, seq)
+            return
+        if batch.decoding:
+            work = batch.work or self._decode_step(batch, self._next_inputs(batch))
+            length, sample = 1, True
+            for seq in batch.members:
+                self.sequences[seq].fed += 1
+        else:
+            work, length, sample = self._prefill_step(batch)
+        self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=int(sample)))
+        if self.pipeline.stage.size == 1:
+            # As in mlx-lm: the device computes while the next step's graph is built.
+            mx.async_eval(work)
+            tokens = work[-1]
+        else:
+            mx.eval(work)
+            tokens = self.pipeline.receive_tokens(len(batch.members))
+        self.flights.append(Flight(batch.group, list(batch.members), tokens, sample))
+        batch.work = None
+        if batch.decoding:
+            self._regroup(batch, tokens)
+
+    def _prefill_step(self, batch: Batch) -> tuple[list, int, bool]:
+        """The next prompt chunk, chunked as mlx-lm's generate_step does, so
+        outputs match it exactly; the last prompt token alone, sampled."""
+        sequence = self.sequences[batch.members[0]]
+        todo = sequence.tokens[sequence.fed : sequence.prompt_tokens]
+        count = min(self.prefill_step_size, len(todo) - 1) if len(todo) > 1 else 1
+        sample = len(todo) == 1
+        sequence.fed += count
+        ids = mx.array(todo[:count], dtype=mx.int32)[None]
+        return self.pipeline.run(batch.group, ids, sample), count, sample
+
+    def _next_inputs(self, batch: Batch) -> mx.array:
+        return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in batch.members], dtype=mx.int32)
+
+    def _decode_step(self, batch: Batch, inputs: mx.array) -> list:
+        return self.pipeline.run(batch.group, inputs[:, None], True)
+
+    def _regroup(self, batch: Batch, pending: mx.array) -> None:
+        """Right after a decode step of `batch` went out: sequences whose last
+        token it computes, or that ended, leave; waiting ones join; then the
+        next step is built on the pending tokens."""
+        rows = list(batch.members)
+        done = [
+            s for s in rows
+            if self.sequences[s].finished or self.sequences[s].generated + 1 >= self.sequences[s].max_tokens
+        ]
+        for seq in done:
+            self._leave(batch, seq)
+        if not batch.members:
+            return  # waiting groups take its place as decode groups of their own
+        kept = [i for i, s in enumerate(rows) if s not in done]
+        joining = self._absorb(batch) if self._is_smallest(batch) else []
+        parts = []
+        if kept:
+            parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])
+        if joining:
+            parts.append(mx.array([self.sequences[s].tokens[-1] for s in joining], dtype=mx.int32))
+        batch.work = self._decode_step(batch, mx.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    # Group membership.
+
+    def _decode_groups(self) -> list[Batch]:
+        return [b for b in self.batches.values() if b.decoding and b.group not in self.waiting]
+
+    def _is_smallest(self, batch: Batch) -> bool:
+        return bool(self.waiting) and len(batch.members) <= min(len(b.members) for b in self._decode_groups())
+
+    def _absorb(self, batch: Batch) -> list[int]:
+        """Merge every waiting group into `batch`; returns the sequences that joined."""
+        joined = []
+        for group in self.waiting:
+            waiting = self.batches[group]
+            seq = waiting.members[0]
+            if self.sequences[seq].finished:
+                self._leave(waiting, seq)
+                continue
+            self.pipeline.broadcast(Header(OP_MERGE, batch.group, group))
+            self.pipeline.merge(batch.group, group)
+            batch.members.append(seq)
+            self.sequences[seq].group = batch.group
+            del self.batches[group]
+            joined.append(seq)
+        self.waiting.clear()
+        return joined
+
+    def _promote_waiting(self) -> None:
+        """Waiting groups become decode groups of their own while there is room."""
+        while self.waiting and (self.max_groups is None or len(self._decode_groups()) < self.max_groups):
+            self.ready.append(self.waiting.pop(0))
+
+    def _leave(self, batch: Batch, seq: int) -> None:
+        """`seq` leaves its group on every rank; what it computed is kept in
+        the prompt cache when that is on."""
+        sequence = self.sequences[seq]
+        entry, evicted = None, []
+        if self.prompt_cache is not None and sequence.fed > 0:
+            entry, evicted = self.prompt_cache.insert(sequence.tokens[: sequence.fed])
+        flag = int(entry is not None)
+        self.pipeline.broadcast(Header(OP_LEAVE, batch.group, seq, entry or 0, flag))
+        self.pipeline.leave(batch.group, seq, entry)
+        for old in evicted:
+            self.pipeline.broadcast(Header(OP_EVICT, seq=old))
+            self.pipeline.evict(old)
+        batch.members.remove(seq)
+        if not batch.members:
+            del self.batches[batch.group]
+        self.reserved -= sequence.reserved
+        sequence.left = True
+        if sequence.finished:
+            del self.sequences[seq]
+
+    # Collecting results.
+
+    def _collect(self) -> list[tuple[int, int]]:
+        flight = self.flights.popleft()
+        if self.pipeline.stage.size > 1:
+            self.pipeline.nap.wait(flight.tokens, self.pipeline.nap.sleep())
+        values = flight.tokens.tolist()
+        events = []
+        if flight.sample:
+            for seq, token in zip(flight.members, values):
+                sequence = self.sequences.get(seq)
+                if sequence is None or sequence.finished:
+                    continue  # a row that rode along after its sequence ended
+                sequence.tokens.append(token)
+                events.append((seq, token))
+                if sequence.generated >= sequence.max_tokens:
+                    self.finish(seq)
+        batch = self.batches.get(flight.group)
+        if batch is not None:
+            self._requeue(batch, flight)
+        return events
+
+    def _requeue(self, batch: Batch, flight: Flight) -> None:
+        if not batch.decoding and flight.sample:
+            batch.decoding = True
+            others = len(self._decode_groups()) - 1
+            if self.max_groups is not None and others >= self.max_groups:
+                self.waiting.append(batch.group)
+                return
+        self.ready.append(batch.group)

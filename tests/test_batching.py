@@ -1,0 +1,188 @@
+"""Continuous batching, micro-batches in flight and the prompt cache, on real ranks.
+
+Rank processes in serve mode (one rank, and two under MPI) behind the real API,
+over real HTTP with the official openai client. Every reply is compared with
+single-process mlx-lm running that request alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import mlx_lm
+import pytest
+from conftest import reference_tokens
+from test_api import ApiServer, RankProcess, _metric, _ring_settings, _wait_for
+from tiny_models import make_tiny_model
+
+PREFILL_STEP = 16  # several prefill chunks per prompt, interleaved with other sequences' steps
+KV_BUDGET_MB = 2  # a handful of sequences at a time (see `_active_bound`)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("batching") / "llama")
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"{n}-ranks")
+def serving(request, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, int]]:
+    ranks = request.param
+    spool_dir = tmp_path_factory.mktemp(f"batching-{ranks}") / "spool"
+    rank = RankProcess(model, spool_dir, ranks=ranks, PREFILL_STEP_SIZE=str(PREFILL_STEP),
+                       KV_CACHE_RESERVED_MEMORY_MB=str(KV_BUDGET_MB), PROMPT_CACHE_MB="1")
+    with ApiServer(_ring_settings(model, spool_dir)) as api:
+        rank.start()
+        try:
+            yield api, ranks
+        finally:
+            rank.stop()
+
+
+def _chat(api: ApiServer, model: Path, messages: list[dict], max_tokens: int, delay: float = 0.0,
+          **extra) -> dict:
+    """A streamed chat completion with the openai client: its text, finish reason and usage."""
+    time.sleep(delay)
+    stream = api.client(timeout=120).chat.completions.create(
+        model=str(model), messages=messages, max_tokens=max_tokens, temperature=extra.pop("temperature", 0),
+        stream=True, stream_options={"include_usage": True}, **extra)
+    text, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    return {"text": "".join(text), "finish_reason": finish, "usage": usage}
+
+
+def _expected(model: Path, content: str, max_tokens: int) -> dict:
+    """mlx-lm alone, greedy, with the same prefill chunks."""
+    tokens = reference_tokens(model, content, max_tokens, chat=True, prefill_step_size=PREFILL_STEP)
+    return {"text": _text(model, tokens), "finish_reason": "length" if len(tokens) == max_tokens else "stop"}
+
+
+def _text(model: Path, tokens: list[int]) -> str:
+    """Token ids as text, through mlx-lm's streaming detokenizer as the server does."""
+    detokenizer = mlx_lm.utils.load_tokenizer(model).detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
+def _heartbeat(api: ApiServer) -> dict:
+    return api.spool.read_heartbeat() or {}
+
+
+def _active_bound(model: Path, ranks: int, reserved_per_sequence: int = 256) -> int:
+    """Sequences that fit in KV_BUDGET_MB on the rank holding the most layers: K and V
+    of every layer, float32; each sequence reserves whole 256-token cache allocations."""
+    config = json.loads((model / "config.json").read_text())
+    layers = -(-config["num_hidden_layers"] // ranks)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = layers * 2 * config["num_key_value_heads"] * head_dim * 4
+    return KV_BUDGET_MB * 2**20 // per_token // reserved_per_sequence
+
+
+def test_sequences_joining_at_different_times_match_alone(serving, model: Path) -> None:
+    api, _ = serving
+    # Different prompt lengths (1 to 5 prefill chunks) and lengths; each starts while others run.
+    requests = [
+        ("Tell me about the harbour town of Wexley and its old fishing fleet.", 120, 0.0),
+        ("Hi", 90, 0.05),
+        ("List the ships: " + ", ".join(f"the {n}" for n in ("Gull", "Tern", "Osprey", "Heron", "Skua")), 60, 0.1),
+        ("Why is the sea salty? " * 4, 100, 0.2),
+        ("One word.", 7, 0.25),
+        ("Describe a storm at night, the waves, the wind and the lights of the town.", 45, 0.4),
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d) for c, n, d in requests]
+        replies = [f.result() for f in futures]
+    for (content, max_tokens, _), reply in zip(requests, replies):
+        expected = _expected(model, content, max_tokens)
+        assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == expected, content
+    assert _heartbeat(api)["peak_active"] >= 3  # they really ran together
+
+
+def test_seeded_sampling_in_a_batch_equals_alone(serving, model: Path) -> None:
+    api, _ = serving
+    messages = [{"role": "user", "content": "Name a colour."}]
+    sampled = dict(temperature=0.9, top_p=0.95, seed=11)
+    alone = _chat(api, model, messages, 32, **sampled)
+    others = [[{"role": "user", "content": f"Count to {n}."}] for n in (3, 5, 7)]
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(_chat, api, model, m, 48) for m in others]
+        together = pool.submit(_chat, api, model, messages, 32, 0.05, **sampled).result()
+        [f.result() for f in busy]
+    assert together["text"] == alone["text"]
+    different = _chat(api, model, messages, 32, **(sampled | {"seed": 12}))
+    assert different["text"] != alone["text"]
+
+
+def test_prompt_cache_hit_equals_miss(serving, model: Path) -> None:
+    api, ranks = serving
+    tokenizer = mlx_lm.utils.load_tokenizer(model)
+    before = httpx.get(f"{api.url}/metrics").text
+    first = [{"role": "user", "content": f"Tell me a tale of {ranks} lighthouses on the northern coast."}]
+    prompt1 = len(tokenizer.apply_chat_template(first, add_generation_prompt=True))
+    turn1 = _chat(api, model, first, 24)
+    # At most the chat template's opening, which earlier requests share, is cached.
+    assert turn1["usage"].prompt_tokens_details.cached_tokens < prompt1 // 2
+    # A second turn resends the conversation: everything up to the first reply is cached.
+    second = first + [{"role": "assistant", "content": turn1["text"]},
+                      {"role": "user", "content": "And the keeper?"}]
+    turn2 = _chat(api, model, second, 24)
+    assert turn2["usage"].prompt_tokens_details.cached_tokens >= prompt1
+    prompt2 = tokenizer.apply_chat_template(second, add_generation_prompt=True)
+    assert turn2["text"] == _text(model, reference_tokens_for(model, prompt2, 24))
+    # The same request again: all but its last prompt token are cached, and the output is the same.
+    again = _chat(api, model, first, 24)
+    assert again["usage"].prompt_tokens_details.cached_tokens == prompt1 - 1
+    assert again["text"] == turn1["text"]
+    after = httpx.get(f"{api.url}/metrics").text
+    cached = [r["usage"].prompt_tokens_details.cached_tokens for r in (turn1, turn2, again)]
+
+    def grew(name: str) -> float:
+        name = "mlx_ring_prompt_cache_" + name
+        return _metric(after, name) - _metric(before, name)
+
+    assert grew("hits_total") == sum(c > 0 for c in cached)
+    assert grew("misses_total") == sum(c == 0 for c in cached)
+    assert grew("reused_tokens_total") == sum(cached)
+    assert _metric(after, "mlx_ring_prompt_cache_tokens") > 0
+
+
+def reference_tokens_for(model: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm alone on prompt token ids, greedy, stopping at EOS."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    loaded, tokenizer = mlx_lm.load(str(model))
+    out = []
+    for token, _ in generate_step(mx.array(prompt), loaded, max_tokens=max_tokens, prefill_step_size=PREFILL_STEP):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(token)
+    return out
+
+
+def test_burst_of_32_stays_within_the_kv_bound(serving, model: Path) -> None:
+    api, ranks = serving
+    requests = [(f"Request {i}: write about ship number {i * 7}.", 12 + i % 9) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n) for c, n in requests]
+        replies = [f.result() for f in futures]
+    for (content, max_tokens), reply in zip(requests, replies):
+        assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == _expected(model, content, max_tokens)
+    beat = _heartbeat(api)
+    bound = _active_bound(model, ranks)
+    assert beat["kv_capacity_tokens"] // 256 == bound
+    assert 2 <= beat["peak_active"] <= bound
+    assert _wait_for(lambda: _heartbeat(api)["active"] == 0 and _heartbeat(api)["kv_reserved_tokens"] == 0)
+    assert not list((api.settings.spool_dir / "incoming").iterdir())
+
