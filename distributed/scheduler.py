@@ -96,6 +96,7 @@ class Scheduler:
         self.flights: deque[Flight] = deque()
         self.reserved = 0
         self._next_id = 0
+        self.prefill_budget = prefill_step_size  # prompt tokens allowed before the next decode step
 
     @property
     def busy(self) -> bool:
@@ -127,7 +128,7 @@ class Scheduler:
         cached = reuse.tokens if reuse else 0
         self.sequences[seq] = Sequence(group, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
         self.batches[group] = Batch(group, [seq])
-        self.ready.append(group)
+        self._requeue(self.batches[group])
         self.reserved += reserved
         return seq
 
@@ -145,10 +146,8 @@ class Scheduler:
         """Launch what may go, then wait for the oldest step in flight; returns
         the (sequence, token) pairs it produced."""
         self._promote_waiting()
-        while self.ready and len(self.flights) < self.max_in_flight:
-            batch = self.batches.get(self.ready.popleft())
-            if batch is not None:
-                self._launch(batch)
+        while len(self.flights) < self.max_in_flight and (batch := self._next_to_launch()) is not None:
+            self._launch(batch)
         return self._collect() if self.flights else []
 
     def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
@@ -174,6 +173,19 @@ class Scheduler:
 
     # Launching steps.
 
+    def _next_to_launch(self) -> Optional[Batch]:
+        """Between two decode steps, prompt chunks of up to PREFILL_STEP_SIZE
+        tokens in all, so running streams keep flowing while new prompts are
+        prefilled; prompts go first come, first served."""
+        self.ready = deque(g for g in self.ready if g in self.batches)  # groups that left
+        ready = [self.batches[g] for g in self.ready]
+        decoding = next((b for b in ready if b.decoding), None)
+        prefilling = min((b for b in ready if not b.decoding), key=lambda b: b.group, default=None)
+        batch = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
+        if batch is not None:
+            self.ready.remove(batch.group)
+        return batch
+
     def _launch(self, batch: Batch) -> None:
         if all(self.sequences[s].finished for s in batch.members):
             # Nobody wants this step: drop the group (and any step built ahead) unlaunched.
@@ -185,8 +197,10 @@ class Scheduler:
             length, sample = 1, True
             for seq in batch.members:
                 self.sequences[seq].fed += 1
+            self.prefill_budget = self.prefill_step_size
         else:
-            work, length, sample = self._prefill_step(batch)
+            work, length = self._prefill_step(batch)
+            sample = False
         self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=int(sample)))
         if self.pipeline.stage.size == 1:
             # As in mlx-lm: the device computes while the next step's graph is built.
@@ -200,16 +214,17 @@ class Scheduler:
         if batch.decoding:
             self._regroup(batch, tokens)
 
-    def _prefill_step(self, batch: Batch) -> tuple[list, int, bool]:
-        """The next prompt chunk, chunked as mlx-lm's generate_step does, so
-        outputs match it exactly; the last prompt token alone, sampled."""
+    def _prefill_step(self, batch: Batch) -> tuple[list, int]:
+        """The next chunk of the prompt but its last token, chunked as mlx-lm's
+        generate_step does so that outputs match it exactly. The last prompt
+        token goes through the sequence's first decode step, which samples."""
         sequence = self.sequences[batch.members[0]]
-        todo = sequence.tokens[sequence.fed : sequence.prompt_tokens]
-        count = min(self.prefill_step_size, len(todo) - 1) if len(todo) > 1 else 1
-        sample = len(todo) == 1
+        todo = sequence.tokens[sequence.fed : sequence.prompt_tokens - 1]
+        count = min(self.prefill_step_size, len(todo))
         sequence.fed += count
+        self.prefill_budget -= count
         ids = mx.array(todo[:count], dtype=mx.int32)[None]
-        return self.pipeline.run(batch.group, ids, sample), count, sample
+        return self.pipeline.run(batch.group, ids, False), count
 
     def _next_inputs(self, batch: Batch) -> mx.array:
         return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in batch.members], dtype=mx.int32)
@@ -236,7 +251,7 @@ class Scheduler:
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])
         if joining:
-            parts.append(mx.array([self.sequences[s].tokens[-1] for s in joining], dtype=mx.int32))
+            parts.append(mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in joining], dtype=mx.int32))
         batch.work = self._decode_step(batch, mx.concatenate(parts) if len(parts) > 1 else parts[0])
 
     # Group membership.
@@ -310,11 +325,15 @@ class Scheduler:
                     self.finish(seq)
         batch = self.batches.get(flight.group)
         if batch is not None:
-            self._requeue(batch, flight)
+            self._requeue(batch)
         return events
 
-    def _requeue(self, batch: Batch, flight: Flight) -> None:
-        if not batch.decoding and flight.sample:
+    def _prefilled(self, batch: Batch) -> bool:
+        sequence = self.sequences[batch.members[0]]
+        return sequence.fed >= sequence.prompt_tokens - 1
+
+    def _requeue(self, batch: Batch) -> None:
+        if not batch.decoding and self._prefilled(batch):
             batch.decoding = True
             others = len(self._decode_groups()) - 1
             if self.max_groups is not None and others >= self.max_groups:
