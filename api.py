@@ -37,6 +37,9 @@ from spool import Spool
 log = logging.getLogger("api")
 
 EVENT_POLL = 0.001  # s between looks at a stream file without inotify: it adds to every token's latency
+# s between re-reads of a stream file inotify said nothing about: only a safety net (an
+# overflowed event queue), and every waiting request pays for each look.
+INOTIFY_RECHECK = 1.0
 DISCONNECT_CHECK = 0.1  # s between checks that a waiting client is still there
 MAX_STOP_STRINGS = 16
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -508,11 +511,14 @@ class EventFeed:
             if now >= self._deadline:
                 log.warning("request %s timed out after %.0f s", self.request_id, now - self.queued_at)
                 raise APIError(504, "no result from the ring within REQUEST_TIMEOUT", code="timeout")
-            if client is not None and now >= next_check:
-                if await client.is_disconnected():
-                    return None
-                next_check = now + DISCONNECT_CHECK
-            await self.waker.wait(self.request_id, min(self._deadline, next_check) - now)
+            wake_at = self._deadline
+            if client is not None:
+                if now >= next_check:
+                    if await client.is_disconnected():
+                        return None
+                    next_check = now + DISCONNECT_CHECK
+                wake_at = min(wake_at, next_check)
+            await self.waker.wait(self.request_id, wake_at - now)
         event = self._pending.popleft()
         self._observe(event)
         return event
@@ -760,7 +766,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.tokenizer = load_tokenizer(Path(model_path))
     app.state.model_id = served_name(settings.model_repo)
     app.state.spool = Spool(settings.spool_dir)
-    app.state.waker = StreamWaker(app.state.spool, recheck=settings.poll_interval / 5)
+    app.state.waker = StreamWaker(app.state.spool, recheck=INOTIFY_RECHECK)
     app.state.started = int(time.time())
     log.info("serving model %s (tokenizer from %s), spool %s", app.state.model_id, model_path, settings.spool_dir)
     yield
