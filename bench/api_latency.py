@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,25 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from pipeline_decode import PROMPT, run_baseline  # noqa: E402
-from ring import bench_env, mpi_ranks, start, stop  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the ring and API did not become healthy")
+from ring import bench_env, free_port, mpi_ranks, start, stop, wait_healthy  # noqa: E402
 
 
 def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict:

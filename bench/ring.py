@@ -4,9 +4,13 @@ from the benchmark alone (never a developer's `.env`)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,14 +23,24 @@ def bench_env(model: str | None, **settings: str) -> dict[str, str]:
     return env
 
 
+def mpi_command(ranks: int, *command: str) -> list[str]:
+    """`command` as `ranks` processes under mpirun on this machine."""
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), *command]
+
+
 def mpi_ranks(ranks: int, *server_args: str) -> list[str]:
     """The command for `ranks` processes of server.py under mpirun."""
-    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks),
-            sys.executable, str(REPO / "server.py"), *server_args]
+    return mpi_command(ranks, sys.executable, str(REPO / "server.py"), *server_args)
 
 
-def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(command: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """Start `command` in the repository; its output goes to `log`, or nowhere."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if log else out)
+    finally:
+        if log:
+            out.close()
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -38,3 +52,47 @@ def stop(*procs: subprocess.Popen) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port`."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_healthy(url: str, timeout: float = 300, procs: tuple[subprocess.Popen, ...] = ()) -> None:
+    """Until GET `url`/health answers 200; exits if it does not in time or one of `procs` ends."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if any(proc.poll() is not None for proc in procs):
+            raise SystemExit(f"a process exited while waiting for {url}/health")
+        time.sleep(0.3)
+    raise SystemExit("the ring and API did not become healthy")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, children first (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found

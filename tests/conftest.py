@@ -105,12 +105,17 @@ def _load(path: str):
     return load(path)
 
 
-def reference_tokens(path: Path, prompt: str, max_tokens: int, chat: bool = False, **kwargs) -> list[int]:
-    """Single-process mlx-lm output (greedy unless a sampler is given), stopping at EOS."""
+def reference_tokens(
+    path: Path, prompt: str | list[int], max_tokens: int, chat: bool = False, **kwargs
+) -> list[int]:
+    """Single-process mlx-lm output (greedy unless a sampler is given), stopping at EOS.
+    `prompt` is text (a user message with `chat`), or token ids."""
     from mlx_lm.generate import generate_step
 
     model, tokenizer = _load(str(path))
-    if chat:
+    if not isinstance(prompt, str):
+        ids = prompt
+    elif chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = tokenizer.encode(prompt)

@@ -139,7 +139,7 @@ def test_prompt_cache_hit_equals_miss(serving, model: Path) -> None:
     turn2 = _chat(api, model, second, 24)
     assert turn2["usage"].prompt_tokens_details.cached_tokens >= prompt1
     prompt2 = tokenizer.apply_chat_template(second, add_generation_prompt=True)
-    assert turn2["text"] == _text(model, reference_tokens_for(model, prompt2, 24))
+    assert turn2["text"] == _text(model, reference_tokens(model, prompt2, 24, prefill_step_size=PREFILL_STEP))
     # The same request again: all but its last prompt token are cached, and the output is the same.
     again = _chat(api, model, first, 24)
     assert again["usage"].prompt_tokens_details.cached_tokens == prompt1 - 1
@@ -155,20 +155,6 @@ def test_prompt_cache_hit_equals_miss(serving, model: Path) -> None:
     assert grew("misses_total") == sum(c == 0 for c in cached)
     assert grew("reused_tokens_total") == sum(cached)
     assert _metric(after, "mlx_ring_prompt_cache_tokens") > 0
-
-
-def reference_tokens_for(model: Path, prompt: list[int], max_tokens: int) -> list[int]:
-    """mlx-lm alone on prompt token ids, greedy, stopping at EOS."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
-    loaded, tokenizer = mlx_lm.load(str(model))
-    out = []
-    for token, _ in generate_step(mx.array(prompt), loaded, max_tokens=max_tokens, prefill_step_size=PREFILL_STEP):
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(token)
-    return out
 
 
 def test_burst_of_32_stays_within_the_kv_bound(serving, model: Path) -> None:

@@ -1,0 +1,434 @@
+"""Throughput under concurrent streams: mlx-ring vs mlx_lm.server, same run, same model.
+
+Measures, one system after another (each stopped, its port free, before the next):
+mlx_lm.server single process, mlx_lm.server --pipeline on 2 ranks (MPI), mlx-ring
+on 1 and 2 ranks (MPI). Each runs a warm-up, then for every stream count and
+round a batch of concurrent streaming chat completions (greedy, max_tokens each,
+prompts of ~50 tokens varied per stream). Reports aggregate tok/s (completion
+tokens actually generated / wall time of the batch) and time to first token
+p50/p95 over all streams, as a markdown table, a PNG bar plot and the raw samples
+(JSON) in --out. The model: a random-weight qwen2 of 182.5M parameters, float32,
+with SmolLM2's tokenizer (bench/bench_model.py), written once. The machine may be
+shared: each system waits for it to be quiet first, and the share of CPU other
+processes took during each batch is printed; a batch they took over 10% of is
+repeated (up to 3 times).
+
+Fair comparison: every process of every system runs the same BLAS (--blas openblas
+preloads Debian's OpenBLAS; reference preloads nothing and sets FAST_BLAS=0), and
+mpirun binds CPUs as launch.sh would run each system (--bind-to auto).
+
+Targets (issue 6): mlx-ring on 2 ranks >= 0.97x mlx_lm.server at 1 stream,
+>= 1.0x at 8 streams, >= 1.5x mlx_lm.server --pipeline at 8 streams.
+
+    .venv/bin/python bench/throughput.py [--rounds 3] [--streams 1,8] [--tokens 48]
+        [--systems mlx-lm,mlx-lm-pipeline,ring-1,ring-2] [--blas openblas|reference]
+        [--bind-to auto|none|core] [--model DIR] [--wait-quiet 120] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+# distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
+from distributed.group import point_mlx_at_mpi  # noqa: E402
+from bench_model import DEFAULT_DIR, make_bench_model, parameter_count  # noqa: E402
+from ring import (  # noqa: E402
+    bench_env, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop, wait_healthy,
+)
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+# name on the command line -> (label, ranks)
+SYSTEMS: dict[str, tuple[str, int]] = {
+    "mlx-lm": ("mlx_lm.server", 1),
+    "mlx-lm-pipeline": ("mlx_lm.server --pipeline", 2),
+    "ring-1": ("mlx-ring", 1),
+    "ring-2": ("mlx-ring", 2),
+}
+BASELINE = "mlx-lm"
+
+SUBJECTS = (
+    "a lighthouse keeper", "a mountain village", "an old clockmaker", "a lost satellite",
+    "a desert caravan", "a city library", "a river ferry", "a night train", "a bee colony",
+    "a chess champion", "a coral reef", "a snowed-in observatory",
+)
+
+WARMUP_TOKENS = 4
+TICKS = os.sysconf("SC_CLK_TCK")
+# Before each system: wait for the rest of the machine to use at most this share of the CPUs.
+QUIET_SHARE = 0.1
+QUIET_WINDOW = 3.0
+# A batch during which other processes took more than this share is repeated, up to REPEATS times.
+BUSY_SHARE = 0.1
+REPEATS = 3
+
+
+def prompt(stream: int, round_: int) -> str:
+    """A user message of about 25 tokens (about 50 with the chat template), different per stream and round."""
+    subject = SUBJECTS[(stream + 3 * round_) % len(SUBJECTS)]
+    return (f"Story {round_}.{stream}: tell me a short story about {subject} in a winter storm, "
+            "with a surprising ending.")
+
+
+def launch(system: str, args: argparse.Namespace, logs: Path, spool: Path) -> tuple[list[subprocess.Popen], int, str]:
+    """Start `system`; its processes, HTTP port and the model name its API expects.
+
+    Every process of every system gets the same BLAS (preloaded, so also when FAST_BLAS
+    is not in effect) and mpirun's CPU binding from --bind-to: auto binds as launch.sh
+    deploys, one rank alone unbound, 2 ranks one core each (Open MPI's default)."""
+    port = free_port()
+    model, ranks = args.model, SYSTEMS[system][1]
+    binding = args.bind_to if args.bind_to != "auto" else "none" if ranks == 1 else "core"
+    extra = {"OMPI_MCA_hwloc_base_binding_policy": binding}
+    if args.blas == "openblas":
+        extra["LD_PRELOAD"] = OPENBLAS
+    log = logs / f"throughput-{system}.log"
+    log.unlink(missing_ok=True)
+    if system.startswith("mlx-lm"):
+        command = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port),
+                   "--log-level", "WARNING"]
+        if system == "mlx-lm-pipeline":
+            command = mpi_command(ranks, *command, "--pipeline")
+        return [start(command, dict(os.environ, **extra), log)], port, "default_model"
+    env = bench_env(model, SPOOL_DIR=str(spool), API_PORT=str(port),
+                    FAST_BLAS="1" if args.blas == "openblas" else "0", **extra)
+    ring = start(mpi_ranks(ranks), env, log)
+    api = start([sys.executable, str(REPO / "api.py")], env, log)
+    return [ring, api], port, model
+
+
+def python_pids(procs: list[subprocess.Popen]) -> list[int]:
+    """The Python processes among `procs` and their descendants."""
+    pids = [proc.pid for proc in procs] + [pid for proc in procs for pid in descendants(proc.pid)]
+    found = []
+    for pid in pids:
+        try:
+            if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def openblas_loaded(pid: int) -> bool:
+    try:
+        return "libopenblas" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def busy_ticks() -> int:
+    """Clock ticks all CPUs have spent busy since boot (/proc/stat, guest time is in user)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def process_ticks(pids: list[int]) -> int:
+    """Clock ticks `pids` have spent on the CPU."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+
+
+def wait_quiet(seconds: float, limit: float = QUIET_SHARE) -> float:
+    """Wait up to `seconds` until the machine is at most `limit` busy over QUIET_WINDOW seconds
+    (nothing of ours runs then); the last share seen."""
+    deadline = time.time() + seconds
+    while True:
+        busy = busy_ticks()
+        time.sleep(QUIET_WINDOW)
+        share = (busy_ticks() - busy) / (QUIET_WINDOW * TICKS * os.cpu_count())
+        if share <= limit or time.time() >= deadline:
+            return share
+
+
+def cpu_mark(pids: list[int]) -> tuple[float, int, int]:
+    """Now, the machine's busy ticks and those of `pids`: the start of an others_since."""
+    return time.perf_counter(), busy_ticks(), process_ticks(pids)
+
+
+def others_since(mark: tuple[float, int, int], pids: list[int]) -> float:
+    """The share of all CPUs that processes other than `pids` used since `mark`."""
+    seconds = time.perf_counter() - mark[0]
+    others = (busy_ticks() - mark[1]) - (process_ticks(pids) - mark[2])
+    return max(others, 0) / (seconds * TICKS * os.cpu_count())
+
+
+def shutdown(procs: list[subprocess.Popen], port: int) -> None:
+    """Stop what `launch` started, kill any process of it left behind, wait for the port."""
+    leftovers = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()
+                 for proc in procs for pid in descendants(proc.pid) if Path(f"/proc/{pid}").exists()}
+    stop(*procs)
+    for pid, cmdline in leftovers.items():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.time() + 30
+    while not port_free(port):
+        if time.time() > deadline:
+            raise SystemExit(f"port {port} still in use after stopping")
+        time.sleep(0.2)
+
+
+def stream_once(client: OpenAI, model: str, text: str, tokens: int) -> dict:
+    """One streaming greedy chat completion: TTFT (s), completion tokens, finish reason."""
+    sent = time.perf_counter()
+    first, chunks, usage, finish = None, 0, None, None
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                chunks += 1
+                first = first or time.perf_counter()
+            finish = choice.finish_reason or finish
+    if first is None:
+        raise SystemExit(f"a stream returned no content (finish reason {finish})")
+    return {
+        "ttft": first - sent,
+        "seconds": time.perf_counter() - sent,
+        "completion_tokens": usage.completion_tokens if usage else chunks,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "finish_reason": finish,
+    }
+
+
+def run_batch(client: OpenAI, model: str, texts: list[str], tokens: int) -> dict:
+    """All of `texts` as concurrent streams; wall time of the whole batch and each stream's record."""
+    with ThreadPoolExecutor(len(texts)) as pool:
+        started = time.perf_counter()
+        streams = list(pool.map(lambda text: stream_once(client, model, text, tokens), texts))
+        wall = time.perf_counter() - started
+    return {"wall": wall, "streams": streams}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 1]."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(batches: list[dict]) -> dict:
+    """Aggregate tok/s over all rounds (tokens / wall time) and TTFT percentiles over all streams."""
+    streams = [s for b in batches for s in b["streams"]]
+    tokens = sum(s["completion_tokens"] for s in streams)
+    ttfts = [s["ttft"] for s in streams]
+    return {
+        "tok_s": tokens / sum(b["wall"] for b in batches),
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p95": percentile(ttfts, 0.95),
+        "tokens_per_stream": tokens / len(streams),
+        "early_stops": sum(s["finish_reason"] != "length" for s in streams),
+    }
+
+
+def measure(system: str, args: argparse.Namespace, logs: Path) -> dict:
+    """Start `system`, warm it up, run every stream count for every round, stop it.
+    Returns the batches by stream count and the share of the machine's CPU other
+    processes used during the kept batches (the machine is shared: a high share taints them)."""
+    share = wait_quiet(args.wait_quiet)
+    if share > QUIET_SHARE:
+        print(f"[{system}] the machine is still {100 * share:.0f}% busy after {args.wait_quiet:.0f} s; "
+              "measuring anyway", flush=True)
+    spool = Path(tempfile.mkdtemp(prefix="mlx-ring-throughput-"))
+    began = time.perf_counter()
+    print(f"[{system}] starting {SYSTEMS[system][0]} on {SYSTEMS[system][1]} rank(s)", flush=True)
+    procs, port, model = launch(system, args, logs, spool)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", procs=tuple(procs))
+        pids = python_pids(procs)
+        with_openblas = sum(openblas_loaded(pid) for pid in pids)
+        print(f"[{system}] up in {time.perf_counter() - began:.1f} s; OpenBLAS loaded in "
+              f"{with_openblas} of {len(pids)} Python processes", flush=True)
+        if (with_openblas == len(pids)) != (args.blas == "openblas"):
+            print(f"[{system}] WARNING: BLAS is not what --blas {args.blas} asks for", flush=True)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=900, max_retries=0)
+        run = stream_once(client, model, prompt(0, -1), args.tokens)
+        run_batch(client, model, [prompt(i, -1) for i in range(max(args.streams))], WARMUP_TOKENS)
+        print(f"[{system}] warm-up: TTFT {1000 * run['ttft']:.0f} ms, {run['completion_tokens']} tokens, "
+              f"prompt {run['prompt_tokens']} tokens", flush=True)
+        ours = [os.getpid()] + [proc.pid for proc in procs] + [pid for proc in procs for pid in descendants(proc.pid)]
+        samples: dict[int, list[dict]] = {n: [] for n in args.streams}
+        for round_ in range(args.rounds):
+            for n in args.streams:
+                texts = [prompt(i, round_) for i in range(n)]
+                for attempt in range(REPEATS + 1):
+                    mark = cpu_mark(ours)
+                    batch = run_batch(client, model, texts, args.tokens) | {"other_cpu": others_since(mark, ours)}
+                    if batch["other_cpu"] <= BUSY_SHARE or attempt == REPEATS:
+                        break
+                    print(f"[{system}] other processes took {100 * batch['other_cpu']:.0f}% of the CPU during "
+                          f"{n} stream(s); waiting for quiet, repeating", flush=True)
+                    wait_quiet(args.wait_quiet)
+                samples[n].append(batch)
+                tokens = sum(s["completion_tokens"] for s in batch["streams"])
+                ttfts = [s["ttft"] for s in batch["streams"]]
+                print(f"[{system}] round {round_ + 1}/{args.rounds}, {n} stream(s): "
+                      f"{tokens / batch['wall']:6.2f} tok/s ({tokens} tokens in {batch['wall']:.1f} s), "
+                      f"TTFT p50 {1000 * percentile(ttfts, 0.5):.0f} ms, others {100 * batch['other_cpu']:.0f}% CPU",
+                      flush=True)
+        kept = [b for batches in samples.values() for b in batches]
+        others = sum(b["other_cpu"] * b["wall"] for b in kept) / sum(b["wall"] for b in kept)
+    finally:
+        shutdown(procs, port)
+        shutil.rmtree(spool, ignore_errors=True)
+    print(f"[{system}] stopped; {time.perf_counter() - began:.0f} s in all", flush=True)
+    return {"batches": samples, "other_cpu": others}
+
+
+def table(results: dict[str, dict[int, dict]], streams: list[int]) -> str:
+    """The markdown table: one row per system and stream count."""
+    lines = [
+        "| system | ranks | streams | aggregate tok/s | TTFT p50 (ms) | TTFT p95 (ms) | tokens/stream "
+        "| vs mlx_lm.server |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in streams:
+        for system, by_streams in results.items():
+            row = by_streams[n]
+            base = results.get(BASELINE, {}).get(n)
+            ratio = f"{row['tok_s'] / base['tok_s']:.2f}x" if base else "-"
+            lines.append(
+                f"| {SYSTEMS[system][0]} | {SYSTEMS[system][1]} | {n} | {row['tok_s']:.2f} | "
+                f"{1000 * row['ttft_p50']:.0f} | {1000 * row['ttft_p95']:.0f} | "
+                f"{row['tokens_per_stream']:.1f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def target_lines(results: dict[str, dict[int, dict]], streams: list[int]) -> list[str]:
+    """The ratios issue 6's targets refer to, for the systems and stream counts measured."""
+    ring, many = results.get("ring-2"), max(streams)
+    checks = [(BASELINE, 1, 0.97)] if 1 in streams else []
+    if many > 1:
+        checks += [(BASELINE, many, 1.0), ("mlx-lm-pipeline", many, 1.5)]
+    lines = []
+    for other, n, target in checks:
+        if ring and other in results:
+            ratio = ring[n]["tok_s"] / results[other][n]["tok_s"]
+            verdict = "met" if ratio >= target else "not met"
+            lines.append(f"mlx-ring 2 ranks vs {SYSTEMS[other][0]} at {n} stream(s): "
+                         f"{ratio:.3f} (target >= {target}, {verdict})")
+    return lines
+
+
+def plot(results: dict[str, dict[int, dict]], streams: list[int], title: str, path: Path) -> None:
+    """Grouped bars of aggregate tok/s: one group per stream count, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (system, by_streams) in enumerate(results.items()):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(streams))]
+        label, ranks = SYSTEMS[system]
+        bars = ax.bar(xs, [by_streams[n]["tok_s"] for n in streams], width,
+                      label=f"{label} ({ranks} rank{'s' if ranks > 1 else ''})")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(streams)), [f"{n} stream{'s' if n > 1 else ''}" for n in streams])
+    ax.set_ylabel("aggregate tok/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="batches per stream count (all kept)")
+    parser.add_argument("--streams", default="1,8", help="concurrent stream counts, comma-separated")
+    parser.add_argument("--tokens", type=int, default=48, help="max_tokens per stream")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--blas", choices=("openblas", "reference"), default="openblas",
+                        help="openblas: every process preloads Debian's OpenBLAS; reference: the mlx-cpu wheel's")
+    parser.add_argument("--bind-to", choices=("auto", "none", "core"), default="auto",
+                        help="mpirun's CPU binding. none: every rank may use every core; core: one core per "
+                             "rank (Open MPI's default for 1-2 ranks); auto: none for 1 rank, core for more, "
+                             "as launch.sh runs them")
+    parser.add_argument("--model", help=f"mlx-lm model directory (default: the bench model in {DEFAULT_DIR})")
+    parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
+                        help=f"before each system, wait up to this long for other processes to use "
+                             f"<= {100 * QUIET_SHARE:.0f}%% of the CPUs")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    args.streams = sorted({int(n) for n in args.streams.split(",")})
+    systems = [s.strip() for s in args.systems.split(",")]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    if args.blas == "openblas" and not Path(OPENBLAS).exists():
+        parser.error(f"{OPENBLAS} not found (apt-get install libopenblas0-pthread) or use --blas reference")
+
+    began = time.perf_counter()
+    if args.model is None:
+        print(f"bench model: {DEFAULT_DIR} (written on first use)", flush=True)
+        args.model = str(make_bench_model())
+    params = parameter_count(Path(args.model))
+    point_mlx_at_mpi()  # MLX_MPI_LIBNAME for every MPI process started below
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    runs = {system: measure(system, args, logs) for system in [s for s in SYSTEMS if s in systems]}
+    results = {system: {n: summarize(batches) for n, batches in run["batches"].items()}
+               for system, run in runs.items()}
+    others = "CPU used by other processes during each measurement: " + ", ".join(
+        f"{SYSTEMS[system][0]} ({SYSTEMS[system][1]}) {100 * run['other_cpu']:.0f}%" for system, run in runs.items())
+
+    setup = [f"random-weight qwen2, {params / 1e6:.1f}M params, float32, {args.tokens}-token streams, "
+             f"{args.rounds} round(s)", f"{args.blas} BLAS, mpirun --bind-to {args.bind_to}, {os.cpu_count()} CPUs"]
+    markdown = table(results, args.streams)
+    targets = target_lines(results, args.streams)
+    early = sum(row["early_stops"] for by_n in results.values() for row in by_n.values())
+    notes = targets + [others] + ([f"{early} stream(s) stopped before max_tokens (EOS); "
+                                   "tok/s counts the tokens actually generated"] if early else [])
+    print()
+    print(markdown)
+    print()
+    print("\n".join(notes))
+    (args.out / "throughput.md").write_text(
+        f"# Throughput\n\n{'; '.join(setup)}\n\n{markdown}\n\n" + "".join(f"- {n}\n" for n in notes))
+    plot(results, args.streams, "\n".join(setup), args.out / "throughput.png")
+    (args.out / "throughput.json").write_text(json.dumps({
+        "model": args.model, "parameters": params, "blas": args.blas, "bind_to": args.bind_to,
+        "tokens": args.tokens, "rounds": args.rounds, "machine": platform.platform(), "cpus": os.cpu_count(),
+        "summary": results, "runs": runs,
+    }, indent=1))
+    print(f"\nwrote {args.out / 'throughput.md'}, throughput.png, throughput.json; "
+          f"{time.perf_counter() - began:.0f} s in all")
+
+if __name__ == "__main__":
+    main()
