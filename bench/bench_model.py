@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_models import _build_model, _init_param, _write_json, _write_weights, model_config  # noqa: E402
+from tiny_models import _write_json, _write_weights, model_config, random_weights  # noqa: E402
 
 DEFAULT_DIR = Path.home() / ".cache" / "mlx-ring" / "bench" / "qwen2-184m"
 NUM_LAYERS = 12
@@ -43,17 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def bench_config() -> dict:
     """config.json: the tiny qwen2 config at benchmark sizes, SmolLM2's special token ids."""
-    return model_config("qwen2", NUM_LAYERS) | SIZES | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-
-
-def bench_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
-    """HF-named random float32 weights for `config`, scaled as the tiny models are."""
-    shapes = {name: p.shape for name, p in tree_flatten(_build_model(config).parameters())}
-    weights = {}
-    for name in sorted(shapes):
-        weights[name] = _init_param("qwen2", name, shapes[name], seed).astype(mx.float32)
-        mx.eval(weights[name])
-    return weights
+    return model_config("qwen2", NUM_LAYERS, **SIZES) | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 def default_model_dir() -> Path:
@@ -73,7 +62,7 @@ def make_bench_model(out_dir: Path = DEFAULT_DIR) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".bench-model-", dir=out_dir.parent))
     try:
         config = bench_config()
-        _write_weights(bench_weights(config), work, NUM_LAYERS)
+        _write_weights(random_weights("qwen2", num_layers=NUM_LAYERS, **SIZES), work, NUM_LAYERS)
         tokenizer_dir = default_model_dir()
         for name in TOKENIZER_FILES:
             shutil.copy(tokenizer_dir / name, work / name)

@@ -128,11 +128,12 @@ _ARCH_CONFIG: dict[str, dict] = {
 }
 
 
-def model_config(arch: str, num_layers: int = 6, dtype: str = "float32") -> dict:
-    """The config.json contents for `arch`."""
+def model_config(arch: str, num_layers: int = 6, dtype: str = "float32", **sizes: int) -> dict:
+    """The config.json contents for `arch`; `sizes` override the tiny defaults
+    (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim, vocab_size)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
-    config = {"model_type": arch, **_COMMON_CONFIG, **_ARCH_CONFIG[arch]}
+    config = {"model_type": arch, **_COMMON_CONFIG, **_ARCH_CONFIG[arch], **sizes}
     config["num_hidden_layers"] = num_layers
     config["torch_dtype"] = dtype
     return config
@@ -154,7 +155,7 @@ def _param_key(seed: int, name: str) -> mx.array:
     return mx.random.key(zlib.crc32(f"{seed}:{name}".encode()))
 
 
-def _init_param(arch: str, name: str, shape: tuple[int, ...], seed: int) -> mx.array:
+def _init_param(arch: str, name: str, shape: tuple[int, ...], seed: int, hidden_size: int = HIDDEN_SIZE) -> mx.array:
     """Random value for one parameter, scaled by its role."""
     noise = mx.random.normal(shape, key=_param_key(seed, name))
     if name.endswith("norm.weight"):
@@ -167,19 +168,22 @@ def _init_param(arch: str, name: str, shape: tuple[int, ...], seed: int) -> mx.a
         # Gemma multiplies embeddings by sqrt(hidden_size) in the forward pass;
         # a further 0.5 stopped its greedy output settling into a one-token
         # loop within 200 tokens (seen for seed 0 at 1.0).
-        scale = 0.5 * HIDDEN_SIZE**-0.5 if arch == "gemma3_text" else 1.0
+        scale = 0.5 * hidden_size**-0.5 if arch == "gemma3_text" else 1.0
         return scale * EMBED_STD * noise
     if name.endswith(".bias"):
         return BIAS_STD * noise
     return (LINEAR_GAIN / shape[-1] ** 0.5) * noise
 
 
-def random_weights(arch: str, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32") -> dict[str, mx.array]:
-    """HF-named random weights for `arch`, sorted by name."""
-    model = _build_model(model_config(arch, num_layers, dtype))
+def random_weights(
+    arch: str, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32", **sizes: int
+) -> dict[str, mx.array]:
+    """HF-named random weights for `arch`, sorted by name; `sizes` as for model_config."""
+    config = model_config(arch, num_layers, dtype, **sizes)
+    model = _build_model(config)
     shapes = {name: p.shape for name, p in tree_flatten(model.parameters())}
     target = getattr(mx, dtype)
-    weights = {n: _init_param(arch, n, shapes[n], seed).astype(target) for n in sorted(shapes)}
+    weights = {n: _init_param(arch, n, shapes[n], seed, config["hidden_size"]).astype(target) for n in sorted(shapes)}
     mx.eval(weights)
     return weights
 
