@@ -89,24 +89,43 @@ def _active_bound(model: Path, ranks: int, reserved_per_sequence: int = 256) -> 
     return KV_BUDGET_MB * 2**20 // per_token // reserved_per_sequence
 
 
-def test_sequences_joining_at_different_times_match_alone(serving, model: Path) -> None:
-    api, _ = serving
-    # Different prompt lengths (1 to 5 prefill chunks) and lengths; each starts while others run.
-    requests = [
-        ("Tell me about the harbour town of Wexley and its old fishing fleet.", 120, 0.0),
-        ("Hi", 90, 0.05),
-        ("List the ships: " + ", ".join(f"the {n}" for n in ("Gull", "Tern", "Osprey", "Heron", "Skua")), 60, 0.1),
-        ("Why is the sea salty? " * 4, 100, 0.2),
-        ("One word.", 7, 0.25),
-        ("Describe a storm at night, the waves, the wind and the lights of the town.", 45, 0.4),
-    ]
-    with ThreadPoolExecutor(len(requests)) as pool:
-        futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d) for c, n, d in requests]
+# Different prompt lengths (1 to 5 prefill chunks) and lengths; each starts while others run.
+JOINING = [
+    ("Tell me about the harbour town of Wexley and its old fishing fleet.", 120, 0.0),
+    ("Hi", 90, 0.05),
+    ("List the ships: " + ", ".join(f"the {n}" for n in ("Gull", "Tern", "Osprey", "Heron", "Skua")), 60, 0.1),
+    ("Why is the sea salty? " * 4, 100, 0.2),
+    ("One word.", 7, 0.25),
+    ("Describe a storm at night, the waves, the wind and the lights of the town.", 45, 0.4),
+]
+
+
+def _check_joining(api: ApiServer, model: Path) -> None:
+    with ThreadPoolExecutor(len(JOINING)) as pool:
+        futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d) for c, n, d in JOINING]
         replies = [f.result() for f in futures]
-    for (content, max_tokens, _), reply in zip(requests, replies):
+    for (content, max_tokens, _), reply in zip(JOINING, replies):
         expected = _expected(model, content, max_tokens)
         assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == expected, content
     assert _heartbeat(api)["peak_active"] >= 3  # they really ran together
+
+
+def test_sequences_joining_at_different_times_match_alone(serving, model: Path) -> None:
+    _check_joining(serving[0], model)
+
+
+def test_sliding_window_sequences_joining_match_alone(tmp_path: Path) -> None:
+    """gemma3 mixes sliding-window layers (rotating batch caches) with full ones; the
+    prompts outgrow its 16-token window."""
+    model = make_tiny_model("gemma3_text", tmp_path / "gemma3")
+    spool_dir = tmp_path / "spool"
+    rank = RankProcess(model, spool_dir, ranks=2, PREFILL_STEP_SIZE=str(PREFILL_STEP))
+    with ApiServer(_ring_settings(model, spool_dir)) as api:
+        rank.start()
+        try:
+            _check_joining(api, model)
+        finally:
+            rank.stop()
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(serving, model: Path) -> None:
