@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -327,17 +328,24 @@ def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
                      | overrides)
 
 
-@pytest.fixture(scope="module")
-def real_ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, RankProcess]]:
-    """`python server.py` (one rank) and the API on one spool, both on the tiny model."""
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(tiny_model, spool_dir)
-    with ApiServer(_ring_settings(tiny_model, spool_dir)) as api:
+@contextmanager
+def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1,
+                 **settings: str) -> Iterator[tuple[ApiServer, RankProcess]]:
+    """Serving ranks (`settings` are theirs) and the API on one spool, both on `model`."""
+    rank = RankProcess(model, spool_dir, ranks=ranks, **settings)
+    with ApiServer(_ring_settings(model, spool_dir)) as api:
         rank.start()
         try:
             yield api, rank
         finally:
             rank.stop()
+
+
+@pytest.fixture(scope="module")
+def real_ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, RankProcess]]:
+    """`python server.py` (one rank) and the API on one spool, both on the tiny model."""
+    with ring_and_api(tiny_model, tmp_path_factory.mktemp("ring") / "spool") as served:
+        yield served
 
 
 @pytest.fixture
@@ -595,26 +603,20 @@ def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None
     """A rank whose KV budget (1 MB: a few hundred tokens of the tiny model) is below
     MAX_SEQUENCE_LENGTH: the API lets the request through, rank 0 refuses it, and the
     client gets the rank's error with its status, streaming or not."""
-    spool_dir = tmp_path / "spool"
-    rank = RankProcess(tiny_model, spool_dir, KV_CACHE_RESERVED_MEMORY_MB="1")
-    with ApiServer(_ring_settings(tiny_model, spool_dir)) as api:
-        rank.start()
-        try:
-            for stream in (False, True):
-                response = api.post("/v1/chat/completions",
-                                    _chat(model=str(tiny_model), stream=stream, max_tokens=1000), timeout=60)
-                assert response.status_code == 400, response.text
-                error = _error(response)
-                assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
-                assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB holds" in error["message"]
-            with pytest.raises(openai.BadRequestError) as err:
-                api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=1000)
-            assert err.value.code == "kv_cache_exceeded"
-            # What fits the budget is served.
-            reply = api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=4)
-            assert reply.usage.completion_tokens == 4
-        finally:
-            rank.stop()
+    with ring_and_api(tiny_model, tmp_path / "spool", KV_CACHE_RESERVED_MEMORY_MB="1") as (api, _):
+        for stream in (False, True):
+            response = api.post("/v1/chat/completions",
+                                _chat(model=str(tiny_model), stream=stream, max_tokens=1000), timeout=60)
+            assert response.status_code == 400, response.text
+            error = _error(response)
+            assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
+            assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB holds" in error["message"]
+        with pytest.raises(openai.BadRequestError) as err:
+            api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=1000)
+        assert err.value.code == "kv_cache_exceeded"
+        # What fits the budget is served.
+        reply = api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=4)
+        assert reply.usage.completion_tokens == 4
 
 
 def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, RankProcess],

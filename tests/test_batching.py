@@ -17,7 +17,7 @@ import httpx
 import mlx_lm
 import pytest
 from conftest import reference_tokens
-from test_api import ApiServer, RankProcess, _metric, _ring_settings, _wait_for
+from test_api import ApiServer, _metric, _wait_for, ring_and_api
 from tiny_models import make_tiny_model
 
 PREFILL_STEP = 16  # several prefill chunks per prompt, interleaved with other sequences' steps
@@ -33,14 +33,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serving(request, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, int]]:
     ranks = request.param
     spool_dir = tmp_path_factory.mktemp(f"batching-{ranks}") / "spool"
-    rank = RankProcess(model, spool_dir, ranks=ranks, PREFILL_STEP_SIZE=str(PREFILL_STEP),
-                       KV_CACHE_RESERVED_MEMORY_MB=str(KV_BUDGET_MB), PROMPT_CACHE_MB="1")
-    with ApiServer(_ring_settings(model, spool_dir)) as api:
-        rank.start()
-        try:
-            yield api, ranks
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, ranks, PREFILL_STEP_SIZE=str(PREFILL_STEP),
+                      KV_CACHE_RESERVED_MEMORY_MB=str(KV_BUDGET_MB), PROMPT_CACHE_MB="1") as (api, _):
+        yield api, ranks
 
 
 def _chat(api: ApiServer, model: Path, messages: list[dict], max_tokens: int, delay: float = 0.0,
@@ -118,14 +113,8 @@ def test_sliding_window_sequences_joining_match_alone(tmp_path: Path) -> None:
     """gemma3 mixes sliding-window layers (rotating batch caches) with full ones; the
     prompts outgrow its 16-token window."""
     model = make_tiny_model("gemma3_text", tmp_path / "gemma3")
-    spool_dir = tmp_path / "spool"
-    rank = RankProcess(model, spool_dir, ranks=2, PREFILL_STEP_SIZE=str(PREFILL_STEP))
-    with ApiServer(_ring_settings(model, spool_dir)) as api:
-        rank.start()
-        try:
-            _check_joining(api, model)
-        finally:
-            rank.stop()
+    with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(PREFILL_STEP)) as (api, _):
+        _check_joining(api, model)
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(serving, model: Path) -> None:
