@@ -451,7 +451,9 @@ mlx_launch_command() {
 
 mpirun_command() {
   local kv hosts=() host
-  launch_cmd=(mpirun --oversubscribe -np "${#rank_host[@]}")
+  # Unbound: Open MPI pins each of 2 ranks to one core by default, while MLX and its
+  # BLAS use every core, and ranks sharing a machine take turns on all of its cores.
+  launch_cmd=(mpirun --oversubscribe --bind-to none -np "${#rank_host[@]}")
   [ "$(id -u)" -ne 0 ] || launch_cmd+=(--allow-run-as-root)
   if has_remote; then
     for host in "${rank_host[@]}"; do

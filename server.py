@@ -18,6 +18,7 @@ from typing import Optional
 
 from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
+from distributed.doorbell import RingBroken
 from distributed.group import init_group
 from distributed.pipeline import RequestError
 from distributed.sampling import SamplingParams
@@ -29,7 +30,6 @@ log = logging.getLogger("server")
 
 HEARTBEAT_EVERY = 1.0  # seconds between heartbeats while serving
 PURGE_EVERY = 60.0  # seconds between sweeps of finished requests
-STAY_AWAKE = 2.0  # seconds after a request during which the ring stays ready to start at once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,6 +150,7 @@ class Serving:
                 "model": self.model,
                 "active": len(self.replies),
                 "peak_active": self.peak_active,
+                "micro_batches": self.scheduler.max_in_flight,
                 "kv_capacity_tokens": self.scheduler.limits.kv_capacity,
                 "kv_reserved_tokens": self.scheduler.reserved,
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
@@ -164,8 +165,6 @@ class Serving:
         requeued = self.spool.requeue_claimed()
         if requeued:
             log.info("requeued %d requests left unfinished by the last run", len(requeued))
-        poll = self.settings.poll_interval
-        last_work = time.monotonic()
         while not self.stopping:
             self.heartbeat()
             self.admit()
@@ -173,14 +172,9 @@ class Serving:
                 for seq, token in self.scheduler.step():
                     self.on_token(seq, token)
                 self.check_cancelled()
-                last_work = time.monotonic()
-            elif time.monotonic() - last_work < STAY_AWAKE:
-                # Recently busy: the others wait in a receive, so the next request starts at once.
-                self.spool.wait_for_work(poll)
             else:
-                # Idle: the others sleep instead of busy-polling a receive.
-                self.cluster.pipeline.idle(poll)
-                self.spool.wait_for_work(poll)
+                # The other ranks sleep on their doorbells meanwhile.
+                self.spool.wait_for_work(self.settings.poll_interval)
         log.info("stopping; %d requests stay claimed for the next start", len(self.replies))
         self.heartbeat("stopped")
         self.scheduler.shutdown()
@@ -296,12 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         if spool is not None:
             spool.write_heartbeat({"state": "failed", "reason": str(err)})
         return 2
-    if not cluster.stage.is_first:
-        cluster.pipeline.follow()
-        return 0
-    if args.prompt is not None:
-        return run_once(cluster, args, args.max_tokens or settings.default_max_tokens)
-    return serve(cluster, settings, spool)
+    try:
+        if not cluster.stage.is_first:
+            cluster.pipeline.follow()
+            return 0
+        if args.prompt is not None:
+            return run_once(cluster, args, args.max_tokens or settings.default_max_tokens)
+        return serve(cluster, settings, spool)
+    except RingBroken as err:
+        # Claimed requests stay claimed: the next start puts them back in the queue.
+        log.error("ring broken: %s", err)
+        if spool is not None:
+            spool.write_heartbeat({"state": "failed", "reason": f"ring broken: {err}"})
+        return 1
 
 
 if __name__ == "__main__":

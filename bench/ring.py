@@ -23,14 +23,16 @@ def bench_env(model: str | None, **settings: str) -> dict[str, str]:
     return env
 
 
-def mpi_command(ranks: int, *command: str) -> list[str]:
-    """`command` as `ranks` processes under mpirun on this machine."""
-    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), *command]
+def mpi_command(ranks: int, *command: str, bind_to: str = "none") -> list[str]:
+    """`command` as `ranks` processes under mpirun on this machine; `bind_to` is
+    mpirun's CPU binding (none, as launch.sh runs mlx-ring; core, Open MPI's default
+    for 2 ranks)."""
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", bind_to, "-np", str(ranks), *command]
 
 
-def mpi_ranks(ranks: int, *server_args: str) -> list[str]:
+def mpi_ranks(ranks: int, *server_args: str, bind_to: str = "none") -> list[str]:
     """The command for `ranks` processes of server.py under mpirun."""
-    return mpi_command(ranks, sys.executable, str(REPO / "server.py"), *server_args)
+    return mpi_command(ranks, sys.executable, str(REPO / "server.py"), *server_args, bind_to=bind_to)
 
 
 def start(command: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:

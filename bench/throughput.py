@@ -15,7 +15,8 @@ repeated (up to 3 times).
 
 Fair comparison: every process of every system runs the same BLAS (--blas openblas
 preloads Debian's OpenBLAS; reference preloads nothing and sets FAST_BLAS=0), and
-mpirun binds CPUs as launch.sh would run each system (--bind-to auto).
+mpirun binds CPUs as each system runs by default (--bind-to auto): mlx-ring unbound,
+as launch.sh starts it, mlx_lm.server --pipeline as mpirun binds by default.
 
 Targets (issue 6): mlx-ring on 2 ranks >= 0.97x mlx_lm.server at 1 stream,
 >= 1.0x at 8 streams, >= 1.5x mlx_lm.server --pipeline at 8 streams.
@@ -91,25 +92,27 @@ def launch(system: str, args: argparse.Namespace, logs: Path, spool: Path) -> tu
     """Start `system`; its processes, HTTP port and the model name its API expects.
 
     Every process of every system gets the same BLAS (preloaded, so also when FAST_BLAS
-    is not in effect) and mpirun's CPU binding from --bind-to: auto binds as launch.sh
-    deploys, one rank alone unbound, 2 ranks one core each (Open MPI's default)."""
+    is not in effect) and mpirun's CPU binding from --bind-to: auto leaves mlx-ring
+    unbound as launch.sh does, and binds mlx_lm.server --pipeline as mpirun does by
+    default (one core per rank for 2 ranks)."""
     port = free_port()
     model, ranks = args.model, SYSTEMS[system][1]
-    binding = args.bind_to if args.bind_to != "auto" else "none" if ranks == 1 else "core"
-    extra = {"OMPI_MCA_hwloc_base_binding_policy": binding}
+    binding = args.bind_to if args.bind_to != "auto" else "core" if system == "mlx-lm-pipeline" else "none"
+    extra = {}
     if args.blas == "openblas":
-        extra["LD_PRELOAD"] = OPENBLAS
+        # As config/blas.py sets it for mlx-ring's ranks, so every system runs the same BLAS.
+        extra = {"LD_PRELOAD": OPENBLAS, "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
     log = logs / f"throughput-{system}.log"
     log.unlink(missing_ok=True)
     if system.startswith("mlx-lm"):
         command = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port),
                    "--log-level", "WARNING"]
         if system == "mlx-lm-pipeline":
-            command = mpi_command(ranks, *command, "--pipeline")
+            command = mpi_command(ranks, *command, "--pipeline", bind_to=binding)
         return [start(command, dict(os.environ, **extra), log)], port, "default_model"
     env = bench_env(model, SPOOL_DIR=str(spool), API_PORT=str(port),
                     FAST_BLAS="1" if args.blas == "openblas" else "0", **extra)
-    ring = start(mpi_ranks(ranks), env, log)
+    ring = start(mpi_ranks(ranks, bind_to=binding), env, log)
     api = start([sys.executable, str(REPO / "api.py")], env, log)
     return [ring, api], port, model
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -74,6 +75,12 @@ def _choose(fast: bool) -> str:
             "Run `./launch.sh setup` (apt-get install libopenblas0-pthread), or set FAST_BLAS=0."
         )
         return REFERENCE
+    # OpenBLAS's idle threads spin for about 0.1 s after each call before they sleep
+    # (THREAD_TIMEOUT 2^28 cycles), on the cores that a neighbour rank sharing this
+    # machine computes on: a 2-rank pipeline on 2 cores decoded 20% slower. The
+    # shortest timeout cost a single process nothing measurable (bench/throughput.py).
+    # OpenBLAS reads it when loaded.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
     except OSError as err:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     # Cluster
     backend: Literal["any", "ring", "mpi", "jaccl"] = "any"
     layer_split: str = "even"
+    micro_batches: int = Field(0, ge=0)
 
     # Spool and API
     spool_dir: Path = REPO_DIR / "run" / "spool"

@@ -10,6 +10,7 @@ from typing import Optional
 import mlx.core as mx
 
 from config import Settings
+from distributed.doorbell import connect, listen, rank_addresses
 from distributed.group import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
 from distributed.pipeline import Limits, Pipeline
@@ -53,6 +54,12 @@ def kv_settings(settings: Settings) -> KVSettings:
     )
 
 
+def micro_batches(settings: Settings, ranks: list[dict]) -> int:
+    """MICRO_BATCHES, or one per machine: ranks on one machine share its cores."""
+    machines = len({r["host"] for r in ranks})
+    return min(settings.micro_batches or machines, len(ranks))
+
+
 def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
     rank, size = group.rank(), group.size()
@@ -69,12 +76,19 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     per_token = kv_bytes_per_token(
         local_layers(model, stage), model.args.hidden_size, hidden_dtype(model)
     )
+    addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
+    listener = listen(addresses[rank]) if size > 1 else None
     record = rank_record(rank) | {
         "layers": [stage.start, stage.end],
         "parameter_bytes": parameter_bytes(model),
         "kv_bytes_per_token": per_token,
+        "doorbell": listener.getsockname()[1] if listener else None,
     }
     ranks = all_gather_json(group, record)
+    bell = None
+    if listener is not None:
+        peer = stage.next_rank
+        bell = connect(listener, (addresses[peer], ranks[peer]["doorbell"]), rank, stage.prev_rank)
     largest = max(r["kv_bytes_per_token"] for r in ranks)
     limits = Limits(
         settings.max_sequence_length,
@@ -82,10 +96,12 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         kv,
     )
     log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
-    pipeline = Pipeline(model, stage, group, kv)
+    pipeline = Pipeline(model, stage, group, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
         prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
-        scheduler = Scheduler(pipeline, limits, settings.prefill_step_size, prompt_cache_tokens)
+        scheduler = Scheduler(
+            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks)
+        )
         tokenizer = load_stage_tokenizer(path, config)
     return Cluster(group, stage, pipeline, scheduler, ranks, path, config, tokenizer)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,13 +19,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from distributed.doorbell import Doorbell
 from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
 from distributed.sampling import SamplingParams, TokenSampler
 from distributed.shard import Stage
 
 log = logging.getLogger(__name__)
 
-OP_STOP, OP_IDLE, OP_START, OP_STEP, OP_MERGE, OP_LEAVE, OP_EVICT = range(7)
+OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_LEAVE, OP_EVICT = range(6)
 
 
 class RequestError(ValueError):
@@ -45,7 +45,7 @@ class Header:
     STEP: `length` tokens per row; `flag` set when the last rank samples.
     MERGE: `seq` is the group merged into `group`.
     LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
-    EVICT: `seq` is the stored entry to drop. IDLE: `length` milliseconds.
+    EVICT: `seq` is the stored entry to drop.
     """
 
     op: int
@@ -65,33 +65,13 @@ class Header:
 HEADER_SHAPE = (5,)
 
 
-# Share of an expected wait for a neighbour spent asleep; the rest busy-polls.
-NAP_SHARE = 0.95
-# A wait shorter than this after a nap means the data was already there: we overslept.
-OVERSLEPT = 0.0005
+@dataclass
+class StepWork:
+    """One step on one rank: what to compute, then the send to the next rank (None
+    on a single rank), so the next rank's doorbell rings between the two."""
 
-
-class Nap:
-    """Sleeps through most of a predictable wait for a neighbour rank. Both MLX
-    backends busy-poll a pending receive, and a polling rank takes the core that
-    the computing rank's second thread would otherwise use."""
-
-    def __init__(self):
-        self.expected = 0.0
-
-    def sleep(self) -> float:
-        slept = NAP_SHARE * self.expected
-        if slept > 0:
-            time.sleep(slept)
-        return slept
-
-    def wait(self, arrival: mx.array, slept: float) -> None:
-        """Wait for a pending receive and learn how long the whole wait was."""
-        start = time.perf_counter()
-        mx.eval(arrival)
-        residual = time.perf_counter() - start
-        # Overslept: by how much is unknown, so back off.
-        self.expected = slept * NAP_SHARE**4 if slept and residual < OVERSLEPT else slept + residual
+    compute: list
+    send: Optional[mx.array] = None
 
 
 @dataclass
@@ -137,22 +117,45 @@ class Limits:
 class Pipeline:
     """This rank's part of the ring: its model stage, group table and stored caches."""
 
-    def __init__(self, model: nn.Module, stage: Stage, group: mx.distributed.Group, kv: KVSettings):
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        group: mx.distributed.Group,
+        kv: KVSettings,
+        bell: Optional[Doorbell] = None,
+    ):
         self.model = model
         self.stage = stage
         self.group = group
         self.kv = kv
+        self.bell = bell  # None on a single rank
         self.groups: dict[int, Group] = {}
         self.stored: dict[int, list] = {}
-        self.nap = Nap()
 
-    # Transport: neighbour-only, as the ring backend requires.
+    # Transport: neighbour-only, as the ring backend requires. Every message to the
+    # next rank is announced on its doorbell, and every receive waits for that first.
 
     def _send(self, data: mx.array, dst: int) -> None:
+        self.bell.ring()
         mx.eval(mx.distributed.send(data, dst, group=self.group))
 
     def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
+        self.bell.wait()
         data = mx.distributed.recv(shape, dtype, src, group=self.group)
+        mx.eval(data)
+        return data
+
+    def complete(self, work: StepWork) -> None:
+        """Compute a step, then send its output on (announced first)."""
+        mx.eval(work.compute)
+        if work.send is not None:
+            self.bell.ring()
+            mx.eval(work.send)
+
+    def arrived(self, data: mx.array) -> mx.array:
+        """A lazy receive from the previous rank, once it is there."""
+        self.bell.wait()
         mx.eval(data)
         return data
 
@@ -224,34 +227,28 @@ class Pipeline:
     def evict(self, entry: int) -> None:
         self.stored.pop(entry, None)
 
-    def run(self, group: int, ids: mx.array, sample: bool) -> list:
-        """Build this stage's graph for one step of `group` (ids: rows x tokens);
-        returns what to evaluate. On the last stage that ends with the group's
-        tokens, sent on to rank 0 when that is another rank."""
+    def run(self, group: int, ids: mx.array, sample: bool) -> StepWork:
+        """Build this stage's graph for one step of `group` (ids: rows x tokens).
+        The last stage computes the group's tokens, sent on to rank 0 when that
+        is another rank."""
         target = self.groups[group]
         out = self.model(ids, cache=target.cache.view())
         target.cache.maybe_quantize()
         if not self.stage.is_last:
-            return [out, target.cache.state]
+            sender = self.model.model.layers[self.stage.end - 1]
+            return StepWork([sender.sending, target.cache.state], out)
         if sample:
             tokens = mx.concatenate([s(out[i : i + 1]) for i, s in enumerate(target.samplers)])
         else:
             # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
             # still goes back, so rank 0 never has more steps in flight than ranks.
             tokens = mx.zeros((ids.shape[0],), dtype=mx.int32)
+        work = StepWork([target.cache.state, tokens])
         if self.stage.size > 1:
-            tokens = mx.distributed.send(tokens, self.stage.next_rank, group=self.group)
-        return [target.cache.state, tokens]
+            work.send = mx.distributed.send(tokens, self.stage.next_rank, group=self.group)
+        return work
 
     # Rank 0, ring-wide.
-
-    def idle(self, seconds: float) -> None:
-        """Rank 0 with no work: tell the others to sleep rather than wait in a
-        receive, which both MLX backends busy-poll. The last rank acknowledges,
-        so idle messages never pile up behind a sleeping rank."""
-        self.broadcast(Header(OP_IDLE, length=int(seconds * 1000)))
-        if self.stage.size > 1:
-            self._recv((1,), mx.int32, self.stage.prev_rank)
 
     def shutdown(self) -> None:
         """Rank 0: release the other ranks from `follow`."""
@@ -265,11 +262,7 @@ class Pipeline:
             header, payload = self._receive()
             if header.op == OP_STOP:
                 return
-            if header.op == OP_IDLE:
-                if self.stage.is_last:
-                    self._send(mx.array([header.op], dtype=mx.int32), self.stage.next_rank)
-                time.sleep(header.length / 1000)
-            elif header.op == OP_START:
+            if header.op == OP_START:
                 self.open(header.group, header.seq, json.loads(payload))
             elif header.op == OP_STEP:
                 self._follow_step(header)
@@ -284,8 +277,5 @@ class Pipeline:
         rows = len(self.groups[header.group].members)
         ids = mx.zeros((rows, header.length), dtype=mx.int32)
         work = self.run(header.group, ids, bool(header.flag))
-        if header.length == 1:
-            # Decode: a steady wait for the previous rank, worth napping through.
-            receiver = self.model.model.layers[self.stage.start]
-            self.nap.wait(receiver.received, self.nap.sleep())
-        mx.eval(work)
+        self.bell.wait()  # the previous rank's output, received in the graph
+        self.complete(work)

@@ -1,8 +1,10 @@
 """Rank 0's scheduler: continuous batching, with micro-batches in flight around the ring.
 
-Active sequences are split into up to one decode group per rank; every group
-has at most one step in flight, and up to one step per rank is in flight in all,
-so under load each stage works on a different group at once. A new sequence is
+Active sequences are split into up to MICRO_BATCHES decode groups (by default
+one per machine); every group has at most one step in flight, and up to that many
+steps are in flight in all, so under load each machine works on a different group
+at once. Ranks that share a machine share its cores: there, one step at a time
+lets each rank compute on all of them while the others sleep. A new sequence is
 prefilled in chunks as a group of its own, between other groups' steps, then
 joins the smallest decode group (mlx-lm's batch caches take it as a new row).
 A group's next step is built on its tokens before they arrive; a sequence that
@@ -29,6 +31,7 @@ from distributed.pipeline import (
     Header,
     Limits,
     Pipeline,
+    StepWork,
 )
 from distributed.prompt_cache import PromptCacheIndex
 from distributed.sampling import SamplingParams
@@ -62,7 +65,7 @@ class Batch:
     group: int
     members: list[int]
     decoding: bool = False
-    work: Optional[list] = None  # its next decode step, built ahead
+    work: Optional[StepWork] = None  # its next decode step, built ahead
 
 
 @dataclass
@@ -77,15 +80,19 @@ class Flight:
 
 class Scheduler:
     def __init__(
-        self, pipeline: Pipeline, limits: Limits, prefill_step_size: int, prompt_cache_tokens: int
+        self,
+        pipeline: Pipeline,
+        limits: Limits,
+        prefill_step_size: int,
+        prompt_cache_tokens: int,
+        micro_batches: int = 1,
     ):
         self.pipeline = pipeline
         self.limits = limits
         self.prefill_step_size = prefill_step_size
-        size = pipeline.stage.size
-        self.max_in_flight = size
+        self.max_in_flight = micro_batches
         # Without batch caches (quantized KV), every sequence is a group of its own.
-        self.max_groups = size if can_batch(pipeline.model, pipeline.kv) else None
+        self.max_groups = micro_batches if can_batch(pipeline.model, pipeline.kv) else None
         self.prompt_cache: Optional[PromptCacheIndex] = None
         if prompt_cache_tokens > 0 and can_reuse_prefixes(pipeline.model, pipeline.kv):
             self.prompt_cache = PromptCacheIndex(prompt_cache_tokens)
@@ -204,17 +211,17 @@ class Scheduler:
         self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=int(sample)))
         if self.pipeline.stage.size == 1:
             # As in mlx-lm: the device computes while the next step's graph is built.
-            mx.async_eval(work)
-            tokens = work[-1]
+            mx.async_eval(work.compute)
+            tokens = work.compute[-1]
         else:
-            mx.eval(work)
+            self.pipeline.complete(work)
             tokens = self.pipeline.receive_tokens(len(batch.members))
         self.flights.append(Flight(batch.group, list(batch.members), tokens, sample))
         batch.work = None
         if batch.decoding:
             self._regroup(batch, tokens)
 
-    def _prefill_step(self, batch: Batch) -> tuple[list, int]:
+    def _prefill_step(self, batch: Batch) -> tuple[StepWork, int]:
         """The next chunk of the prompt but its last token, chunked as mlx-lm's
         generate_step does so that outputs match it exactly. The last prompt
         token goes through the sequence's first decode step, which samples."""
@@ -229,7 +236,7 @@ class Scheduler:
     def _next_inputs(self, batch: Batch) -> mx.array:
         return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in batch.members], dtype=mx.int32)
 
-    def _decode_step(self, batch: Batch, inputs: mx.array) -> list:
+    def _decode_step(self, batch: Batch, inputs: mx.array) -> StepWork:
         return self.pipeline.run(batch.group, inputs[:, None], True)
 
     def _regroup(self, batch: Batch, pending: mx.array) -> None:
@@ -311,7 +318,7 @@ class Scheduler:
     def _collect(self) -> list[tuple[int, int]]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
-            self.pipeline.nap.wait(flight.tokens, self.pipeline.nap.sleep())
+            self.pipeline.arrived(flight.tokens)
         values = flight.tokens.tolist()
         events = []
         if flight.sample:

@@ -102,8 +102,6 @@ class ReceiveHidden(_LayerWrapper):
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
         x = mx.distributed.recv_like(x, self.peer, group=self.group)
-        # A plain attribute, not a parameter: the pipeline times its waits on it.
-        object.__setattr__(self, "received", x)
         return self.layer(x, *args, **kwargs)
 
 
@@ -112,6 +110,9 @@ class SendHidden(_LayerWrapper):
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
         x = self.layer(x, *args, **kwargs)
+        # A plain attribute, not a parameter: the pipeline computes it before the
+        # send, to ring the next rank's doorbell in between.
+        object.__setattr__(self, "sending", x)
         return mx.distributed.send(x, self.peer, group=self.group)
 
 

@@ -72,7 +72,7 @@ def launch_command(ranks: int, backend: str, args: list[str]) -> list[str]:
         return server
     if backend == "mpi":
         # Local MPI ranks inherit mpirun's environment.
-        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), *server]
+        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), *server]
     return [MLX_LAUNCH, "-n", str(ranks), "--backend", backend, "--", *server]
 
 

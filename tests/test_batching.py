@@ -33,8 +33,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serving(request, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, int]]:
     ranks = request.param
     spool_dir = tmp_path_factory.mktemp(f"batching-{ranks}") / "spool"
-    with ring_and_api(model, spool_dir, ranks, PREFILL_STEP_SIZE=str(PREFILL_STEP),
+    with ring_and_api(model, spool_dir, ranks, PREFILL_STEP_SIZE=str(PREFILL_STEP), MICRO_BATCHES=str(ranks),
                       KV_CACHE_RESERVED_MEMORY_MB=str(KV_BUDGET_MB), PROMPT_CACHE_MB="1") as (api, _):
+        assert _heartbeat(api)["micro_batches"] == ranks
         yield api, ranks
 
 
@@ -113,7 +114,15 @@ def test_sliding_window_sequences_joining_match_alone(tmp_path: Path) -> None:
     """gemma3 mixes sliding-window layers (rotating batch caches) with full ones; the
     prompts outgrow its 16-token window."""
     model = make_tiny_model("gemma3_text", tmp_path / "gemma3")
+    with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(PREFILL_STEP), MICRO_BATCHES="2") as (api, _):
+        _check_joining(api, model)
+
+
+def test_ranks_sharing_a_machine_take_turns_by_default(tmp_path: Path, model: Path) -> None:
+    """Without MICRO_BATCHES, 2 ranks on this one machine step one group at a time,
+    each computing on all cores in turn; the replies stay those of mlx-lm alone."""
     with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(PREFILL_STEP)) as (api, _):
+        assert _heartbeat(api)["micro_batches"] == 1
         _check_joining(api, model)
 
 

@@ -1,0 +1,103 @@
+"""A doorbell beside each ring link, so that a waiting rank sleeps instead of spinning.
+
+Both MLX backends busy-poll a pending receive: a rank waiting for its neighbour
+burns a core (on a machine shared by several ranks, the core the computing rank
+wants). So every message a rank sends to the next one is announced by one byte on
+a TCP connection beside the MLX link, rung just before the send, and the receiver
+blocks in the kernel on that connection before it posts its receive. Bytes and
+messages go in the same order, so one byte is one message.
+
+A neighbour that dies closes its end: the waiting rank learns it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+# How long to keep trying the next rank's doorbell while it starts listening.
+CONNECT_TIMEOUT = 30.0
+_BELL = b"\x01"
+_HELLO = struct.Struct("!i")  # the connecting rank's number
+
+
+class RingBroken(ConnectionError):
+    """A neighbour rank is gone."""
+
+
+class Doorbell:
+    """This rank's two ends: the bell it rings at the next rank, the one it waits on."""
+
+    def __init__(self, outgoing: socket.socket, incoming: socket.socket, prev_rank: int):
+        self.outgoing = outgoing
+        self.incoming = incoming
+        self.prev_rank = prev_rank
+
+    def ring(self) -> None:
+        """Announce one message to the next rank; call right before sending it."""
+        try:
+            self.outgoing.sendall(_BELL)
+        except OSError as err:
+            raise RingBroken(f"the next rank is gone ({err})") from err
+
+    def wait(self) -> None:
+        """Sleep until the previous rank announces its next message."""
+        try:
+            got = self.incoming.recv(1)
+        except OSError as err:
+            raise RingBroken(f"rank {self.prev_rank} is gone ({err})") from err
+        if not got:
+            raise RingBroken(f"rank {self.prev_rank} is gone (its doorbell closed)")
+
+    def close(self) -> None:
+        self.outgoing.close()
+        self.incoming.close()
+
+
+def listen(address: str) -> socket.socket:
+    """This rank's listening socket, on an ephemeral port: loopback only when this
+    rank's address is, else every interface (a host name may resolve to loopback)."""
+    server = socket.create_server(("127.0.0.1" if address == "127.0.0.1" else "", 0))
+    server.settimeout(CONNECT_TIMEOUT)
+    return server
+
+
+def connect(server: socket.socket, next_address: tuple[str, int], rank: int, prev_rank: int) -> Doorbell:
+    """Connect to the next rank's listener and accept the previous rank's connection.
+    Every rank listens before any connects (the ports are exchanged in between), so
+    this cannot deadlock."""
+    outgoing = socket.create_connection(next_address, timeout=CONNECT_TIMEOUT)
+    outgoing.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    outgoing.sendall(_HELLO.pack(rank))
+    outgoing.settimeout(None)
+    with server:
+        incoming, _ = server.accept()
+    incoming.settimeout(CONNECT_TIMEOUT)
+    # Exactly the hello's bytes: bells may already follow it.
+    hello = b""
+    while len(hello) < _HELLO.size and (chunk := incoming.recv(_HELLO.size - len(hello))):
+        hello += chunk
+    if len(hello) != _HELLO.size or _HELLO.unpack(hello)[0] != prev_rank:
+        raise RingBroken(f"expected rank {prev_rank} at this doorbell, got {hello!r}")
+    incoming.settimeout(None)
+    return Doorbell(outgoing, incoming, prev_rank)
+
+
+def rank_addresses(size: int, hosts: str, hostfile: Optional[Path]) -> list[str]:
+    """Each rank's address, from the cluster's settings: HOSTS, HOSTFILE (mlx.launch's
+    JSON, its first IP per host), or this machine for every rank."""
+    if hosts:
+        names = [h.split("@")[-1] for h in hosts.split(",")]
+    elif hostfile is not None:
+        names = [(entry.get("ips") or [entry["ssh"]])[0] for entry in json.loads(Path(hostfile).read_text())]
+    else:
+        names = ["127.0.0.1"] * size
+    if len(names) != size:
+        raise ValueError(f"the settings name {len(names)} hosts for a ring of {size} ranks")
+    return names

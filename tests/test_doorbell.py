@@ -1,0 +1,109 @@
+"""The doorbells beside the ring's links, on real sockets, one thread per rank."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from distributed.doorbell import Doorbell, RingBroken, connect, listen, rank_addresses
+
+
+def ring_of(size: int) -> list[Doorbell]:
+    """Every rank's doorbell, wired as start_cluster does: listen, share ports, connect."""
+    listeners = [listen("127.0.0.1") for _ in range(size)]
+    ports = [server.getsockname()[1] for server in listeners]
+    with ThreadPoolExecutor(size) as pool:
+        futures = [
+            pool.submit(connect, listeners[r], ("127.0.0.1", ports[(r + 1) % size]), r, (r - 1) % size)
+            for r in range(size)
+        ]
+        return [f.result(timeout=10) for f in futures]
+
+
+def test_each_ring_wakes_one_wait_in_order_around_the_ring() -> None:
+    bells = ring_of(3)
+    for _ in range(5):  # one message per link, rank 0 -> 1 -> 2 -> 0
+        bells[0].ring()
+    for r in (1, 2, 0):
+        for _ in range(5):
+            bells[r].wait()
+        if r != 0:
+            for _ in range(5):
+                bells[r].ring()
+    for bell in bells:
+        bell.incoming.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # nothing left over: one byte per message
+            bell.incoming.recv(1)
+    for bell in bells:
+        bell.close()
+
+
+def test_a_waiting_rank_sleeps_until_rung() -> None:
+    bells = ring_of(2)
+    woke: list[float] = []
+    cpu: list[float] = []
+
+    def waiter() -> None:
+        start = time.thread_time()
+        bells[1].wait()
+        woke.append(time.perf_counter())
+        cpu.append(time.thread_time() - start)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)
+    assert not woke
+    rung = time.perf_counter()
+    bells[0].ring()
+    thread.join(timeout=5)
+    assert woke and woke[0] >= rung
+    # Blocked in the kernel, not polling: both MLX backends' receives would have spun.
+    assert cpu[0] < 0.1
+    for bell in bells:
+        bell.close()
+
+
+def test_a_dead_neighbour_wakes_the_waiting_rank_with_an_error() -> None:
+    bells = ring_of(2)
+    errors: list[Exception] = []
+
+    def waiter() -> None:
+        try:
+            bells[1].wait()
+        except RingBroken as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    bells[0].close()  # what the kernel does for a rank process that dies
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert errors and "rank 0 is gone" in str(errors[0])
+    bells[1].close()
+
+
+def test_a_stranger_at_the_doorbell_is_refused() -> None:
+    server = listen("127.0.0.1")
+    stranger = socket.create_connection(server.getsockname())
+    stranger.sendall(b"\x00\x00\x00\x07")  # claims to be rank 7
+    target = listen("127.0.0.1")
+    with pytest.raises(RingBroken, match="expected rank 1"):
+        connect(server, target.getsockname(), 0, 1)
+    stranger.close()
+    target.close()
+
+
+def test_rank_addresses_come_from_the_cluster_settings(tmp_path: Path) -> None:
+    assert rank_addresses(2, "", None) == ["127.0.0.1", "127.0.0.1"]
+    assert rank_addresses(3, "10.0.0.1,10.0.0.2,mac3.local", None) == ["10.0.0.1", "10.0.0.2", "mac3.local"]
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "mac1", "ips": ["192.168.2.1"]}, {"ssh": "mac2", "ips": []}]))
+    assert rank_addresses(2, "", hostfile) == ["192.168.2.1", "mac2"]
+    with pytest.raises(ValueError, match="2 hosts for a ring of 3"):
+        rank_addresses(3, "10.0.0.1,10.0.0.2", None)
