@@ -49,12 +49,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 # distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
 from distributed.group import point_mlx_at_mpi  # noqa: E402
+from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT  # noqa: E402
 from bench_model import DEFAULT_DIR, make_bench_model, parameter_count  # noqa: E402
 from ring import (  # noqa: E402
     bench_env, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop, wait_healthy,
 )
-
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 # name on the command line -> (label, ranks)
 SYSTEMS: dict[str, tuple[str, int]] = {
@@ -101,7 +100,8 @@ def launch(system: str, args: argparse.Namespace, logs: Path, spool: Path) -> tu
     extra = {}
     if args.blas == "openblas":
         # As config/blas.py sets it for mlx-ring's ranks, so every system runs the same BLAS.
-        extra = {"LD_PRELOAD": OPENBLAS, "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")}
+        extra = {"LD_PRELOAD": str(DEBIAN_OPENBLAS),
+                 "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)}
     log = logs / f"throughput-{system}.log"
     log.unlink(missing_ok=True)
     if system.startswith("mlx-lm"):
@@ -393,8 +393,8 @@ def main() -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
-    if args.blas == "openblas" and not Path(OPENBLAS).exists():
-        parser.error(f"{OPENBLAS} not found (apt-get install libopenblas0-pthread) or use --blas reference")
+    if args.blas == "openblas" and not DEBIAN_OPENBLAS.exists():
+        parser.error(f"{DEBIAN_OPENBLAS} not found (apt-get install libopenblas0-pthread) or use --blas reference")
 
     began = time.perf_counter()
     if args.model is None:

@@ -27,6 +27,12 @@ DEBIAN_OPENBLAS = Path(f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthrea
 
 REFERENCE = "reference"
 
+# OpenBLAS's idle threads spin for about 0.1 s after each call before they sleep
+# (THREAD_TIMEOUT 2^28 cycles), on the cores that a neighbour rank sharing this
+# machine computes on: a 2-rank pipeline on 2 cores decoded 20% slower. The
+# shortest timeout cost a single process nothing measurable (bench/throughput.py).
+THREAD_TIMEOUT = "4"
+
 # The choice made in this process. Module state because it mirrors the dynamic linker's,
 # which is per process and fixed once MLX is loaded.
 _in_use: str | None = None
@@ -75,12 +81,8 @@ def _choose(fast: bool) -> str:
             "Run `./launch.sh setup` (apt-get install libopenblas0-pthread), or set FAST_BLAS=0."
         )
         return REFERENCE
-    # OpenBLAS's idle threads spin for about 0.1 s after each call before they sleep
-    # (THREAD_TIMEOUT 2^28 cycles), on the cores that a neighbour rank sharing this
-    # machine computes on: a 2-rank pipeline on 2 cores decoded 20% slower. The
-    # shortest timeout cost a single process nothing measurable (bench/throughput.py).
     # OpenBLAS reads it when loaded.
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)
     try:
         ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
     except OSError as err:

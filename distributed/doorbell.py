@@ -13,13 +13,10 @@ A neighbour that dies closes its end: the waiting rank learns it at once.
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import struct
 from pathlib import Path
 from typing import Optional
-
-log = logging.getLogger(__name__)
 
 # How long to keep trying the next rank's doorbell while it starts listening.
 CONNECT_TIMEOUT = 30.0

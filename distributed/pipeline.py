@@ -11,7 +11,6 @@ and sends the group's tokens back to rank 0.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,8 +22,6 @@ from distributed.doorbell import Doorbell
 from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
 from distributed.sampling import SamplingParams, TokenSampler
 from distributed.shard import Stage
-
-log = logging.getLogger(__name__)
 
 OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_LEAVE, OP_EVICT = range(6)
 
@@ -141,10 +138,7 @@ class Pipeline:
         mx.eval(mx.distributed.send(data, dst, group=self.group))
 
     def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
-        self.bell.wait()
-        data = mx.distributed.recv(shape, dtype, src, group=self.group)
-        mx.eval(data)
-        return data
+        return self.arrived(mx.distributed.recv(shape, dtype, src, group=self.group))
 
     def complete(self, work: StepWork) -> None:
         """Compute a step, then send its output on (announced first)."""
