@@ -7,6 +7,7 @@ without --prompt, rank 0 serves the spool and the other ranks follow it.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -276,6 +277,8 @@ def serve(cluster: Cluster, settings, spool: Spool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # `kill -USR1 <pid>` prints where each thread of a rank is, for a ring that looks stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = settings_or_exit()
     group = init_group(settings.backend)
     setup_logging(settings.log_level, group.rank(), args.log_file)
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not cluster.stage.is_first:
             cluster.pipeline.follow()
+            log.info("released by rank 0; exiting")
             return 0
         if args.prompt is not None:
             return run_once(cluster, args, args.max_tokens or settings.default_max_tokens)

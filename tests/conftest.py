@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,14 +83,34 @@ def run_ranks(
 ) -> subprocess.CompletedProcess:
     """Run server.py on `ranks` real processes and wait for all of them."""
     env = rank_env({"BACKEND": backend} | settings)
-    return subprocess.run(
+    proc = subprocess.Popen(
         launch_command(ranks, backend, args),
         env=env,
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        err = dump_stacks_and_kill(proc)
+        pytest.fail(f"the ranks were still running after {timeout} s; their output and stacks:\n{err[-8000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def dump_stacks_and_kill(proc: subprocess.Popen) -> str:
+    """Have every rank in `proc`'s session print its threads' stacks (server.py's
+    SIGUSR1), then kill the whole session; returns what they wrote to stderr."""
+    # Rank processes only: mlx.launch's and mpirun's command lines name server.py too.
+    ranks = ["pgrep", "-s", str(proc.pid), "-f", r"^\S*python\S* \S*server\.py"]
+    pids = subprocess.run(ranks, capture_output=True, text=True)
+    for pid in pids.stdout.split():
+        os.kill(int(pid), signal.SIGUSR1)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()[1]
 
 
 def generate_json(ranks: int, backend: str, settings: dict[str, str], args: list[str]) -> dict:
