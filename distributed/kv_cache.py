@@ -28,6 +28,15 @@ def _kind(cache: Any) -> tuple:
     return type(cache).__name__, getattr(cache, "max_size", None), getattr(cache, "keep", None)
 
 
+def _batched(cache: Any) -> bool:
+    return hasattr(cache, "extend")
+
+
+def _as_batch(cache: Any) -> Any:
+    """A batch cache of one row from a sequence's own cache; batch caches as they are."""
+    return cache if _batched(cache) else cache.merge([cache])
+
+
 def make_model_cache(model: nn.Module, kv: KVSettings) -> list:
     """One cache per model layer: the model's own choice, with full-attention
     layers bounded to a rotating window of `kv.max_size` tokens when set."""
@@ -75,11 +84,24 @@ class StageCache:
 
     def join(self, other: "StageCache") -> None:
         """Append the sequences of `other` as new batch rows (mlx-lm's batch caches)."""
-        if hasattr(self.local[0], "extend"):
-            for mine, theirs in zip(self.local, other.local):
-                mine.extend(theirs if hasattr(theirs, "extend") else theirs.merge([theirs]))
-        else:
+        if not _batched(self.local[0]) and not _batched(other.local[0]):
             self.local = [mine.merge([mine, theirs]) for mine, theirs in zip(self.local, other.local)]
+            return
+        self.local = [_as_batch(c) for c in self.local]
+        for mine, theirs in zip(self.local, other.local):
+            mine.extend(_as_batch(theirs))
+
+    def prepare(self, lengths: list[int], right_padding: list[int]) -> None:
+        """Before prompts of `lengths` tokens, right-padded to one length, go through
+        together (mlx-lm's batch caches); `finalize` moves the padding to the left."""
+        for c in self.local:
+            c.prepare(lengths=lengths, right_padding=right_padding)
+
+    def finalize(self) -> None:
+        """After a padded prefill (a no-op otherwise): ready to decode."""
+        for c in self.local:
+            if hasattr(c, "finalize"):
+                c.finalize()
 
     def keep(self, rows: list[int]) -> None:
         """Drop every batch row not in `rows`."""

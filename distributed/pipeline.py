@@ -2,8 +2,9 @@
 
 Rank 0 (see `distributed.scheduler`) decides everything and sends each decision
 around the ring as a message: open a sequence, step a group, merge two groups,
-a sequence leaves, a stored cache is evicted. Every rank applies the messages in
-the order they arrive, so all ranks' tables stay alike. A step runs one group
+prepare a group's prompts to be prefilled together, a sequence leaves, a stored
+cache is evicted. Every rank applies the messages in the order they arrive, so
+all ranks' tables stay alike. A step runs one group
 (one batch row per sequence) through this rank's layers; the last rank samples
 and sends the group's tokens back to rank 0.
 """
@@ -23,7 +24,7 @@ from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserve
 from distributed.sampling import SamplingParams, TokenSampler
 from distributed.shard import Stage
 
-OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_LEAVE, OP_EVICT = range(6)
+OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_PREPARE, OP_LEAVE, OP_EVICT = range(7)
 
 
 class RequestError(ValueError):
@@ -41,6 +42,7 @@ class Header:
     START: `group` and `seq` are new ids, `length` the payload's bytes.
     STEP: `length` tokens per row; `flag` set when the last rank samples.
     MERGE: `seq` is the group merged into `group`.
+    PREPARE: `group`'s rows are prefilled together next; `length` is the payload's bytes.
     LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
     EVICT: `seq` is the stored entry to drop.
     """
@@ -78,6 +80,7 @@ class Group:
     members: list[int]
     cache: StageCache
     samplers: list[TokenSampler] = field(default_factory=list)  # last rank only
+    padded_prompt: int = 0  # tokens left of a padded prefill (see `prepare`)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ class Pipeline:
         if forward:
             self._send(raw, self.stage.next_rank)
         payload = b""
-        if header.op == OP_START:
+        if header.op in (OP_START, OP_PREPARE):
             data = self._recv((header.length,), mx.uint8, self.stage.prev_rank)
             if forward:
                 self._send(data, self.stage.next_rank)
@@ -203,6 +206,13 @@ class Pipeline:
         target.members += joining.members
         target.samplers += joining.samplers
 
+    def prepare(self, group: int, padding: dict) -> None:
+        """`group`'s prompts (`padding["lengths"]` tokens each) go through right-padded
+        to one length; the step that ends them moves the padding to the left."""
+        target = self.groups[group]
+        target.cache.prepare(padding["lengths"], padding["right_padding"])
+        target.padded_prompt = max(padding["lengths"])
+
     def leave(self, group: int, seq: int, store: Optional[int] = None) -> None:
         """`seq` is done; with `store`, its cache is kept as that stored entry."""
         target = self.groups[group]
@@ -227,6 +237,10 @@ class Pipeline:
         is another rank."""
         target = self.groups[group]
         out = self.model(ids, cache=target.cache.view())
+        if target.padded_prompt > 0:
+            target.padded_prompt -= ids.shape[1]
+            if target.padded_prompt <= 0:
+                target.cache.finalize()
         target.cache.maybe_quantize()
         if not self.stage.is_last:
             sender = self.model.model.layers[self.stage.end - 1]
@@ -262,6 +276,8 @@ class Pipeline:
                 self._follow_step(header)
             elif header.op == OP_MERGE:
                 self.merge(header.group, header.seq)
+            elif header.op == OP_PREPARE:
+                self.prepare(header.group, json.loads(payload))
             elif header.op == OP_LEAVE:
                 self.leave(header.group, header.seq, header.length if header.flag else None)
             elif header.op == OP_EVICT:

@@ -4,9 +4,12 @@ Active sequences are split into up to MICRO_BATCHES decode groups (by default
 one per machine); every group has at most one step in flight, and up to that many
 steps are in flight in all, so under load each machine works on a different group
 at once. Ranks that share a machine share its cores: there, one step at a time
-lets each rank compute on all of them while the others sleep. A new sequence is
-prefilled in chunks as a group of its own, between other groups' steps, then
-joins the smallest decode group (mlx-lm's batch caches take it as a new row).
+lets each rank compute on all of them while the others sleep. New sequences are
+prefilled in chunks between other groups' steps: prompts that arrive together go
+through as one group, right-padded to one length as mlx-lm's batch generator does,
+while a chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes
+alone. A prefilled group then joins the smallest decode group (mlx-lm's batch
+caches take its sequences as new rows).
 A group's next step is built on its tokens before they arrive; a sequence that
 ended meanwhile rides along that one step and leaves after it.
 """
@@ -26,6 +29,7 @@ from distributed.pipeline import (
     OP_EVICT,
     OP_LEAVE,
     OP_MERGE,
+    OP_PREPARE,
     OP_START,
     OP_STEP,
     Header,
@@ -191,7 +195,47 @@ class Scheduler:
         batch = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
         if batch is not None:
             self.ready.remove(batch.group)
+            if batch is prefilling and self._unstarted(batch):
+                self._gather_prompts(batch)
         return batch
+
+    def _remaining_prompt(self, seq: int) -> int:
+        """Prompt tokens still to prefill (the last one goes through the first decode step)."""
+        sequence = self.sequences[seq]
+        return sequence.prompt_tokens - 1 - sequence.fed
+
+    def _unstarted(self, batch: Batch) -> bool:
+        """A lone sequence none of whose prompt has been prefilled yet."""
+        if len(batch.members) != 1 or batch.decoding:
+            return False
+        sequence = self.sequences[batch.members[0]]
+        return sequence.fed == sequence.cached and not sequence.finished
+
+    def _gather_prompts(self, batch: Batch) -> None:
+        """Merge into `batch` the other prompts waiting to start, first come first
+        served, while one chunk of them all (padding included) fits in
+        PREFILL_STEP_SIZE tokens; then tell every rank how they are padded."""
+        if self.max_groups is None:
+            return  # no batch caches
+        longest = self._remaining_prompt(batch.members[0])
+        for group in sorted(self.ready):
+            other = self.batches[group]
+            if not self._unstarted(other):
+                continue
+            width = min(self.prefill_step_size, max(longest, self._remaining_prompt(other.members[0])))
+            if (len(batch.members) + 1) * width > self.prefill_step_size:
+                break
+            longest = max(longest, self._remaining_prompt(other.members[0]))
+            self.ready.remove(group)
+            self._merge(batch, other)
+        if len(batch.members) == 1:
+            return
+        lengths = [self._remaining_prompt(s) for s in batch.members]
+        padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
+        payload = json.dumps(padding).encode()
+        self.pipeline.broadcast(Header(OP_PREPARE, batch.group, length=len(payload)), payload)
+        self.pipeline.prepare(batch.group, padding)
+        log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
 
     def _launch(self, batch: Batch) -> None:
         if all(self.sequences[s].finished for s in batch.members):
@@ -222,16 +266,20 @@ class Scheduler:
             self._regroup(batch, tokens)
 
     def _prefill_step(self, batch: Batch) -> tuple[StepWork, int]:
-        """The next chunk of the prompt but its last token, chunked as mlx-lm's
-        generate_step does so that outputs match it exactly. The last prompt
-        token goes through the sequence's first decode step, which samples."""
-        sequence = self.sequences[batch.members[0]]
-        todo = sequence.tokens[sequence.fed : sequence.prompt_tokens - 1]
-        count = min(self.prefill_step_size, len(todo))
-        sequence.fed += count
-        self.prefill_budget -= count
-        ids = mx.array(todo[:count], dtype=mx.int32)[None]
-        return self.pipeline.run(batch.group, ids, False), count
+        """The next chunk of the prompts but their last tokens, chunked as mlx-lm's
+        generate_step does so that outputs match it exactly; shorter prompts of a
+        group are right-padded. The last prompt token goes through the sequence's
+        first decode step, which samples."""
+        sequences = [self.sequences[s] for s in batch.members]
+        todo = [s.tokens[s.fed : s.prompt_tokens - 1] for s in sequences]
+        count = min(self.prefill_step_size, max(len(t) for t in todo))
+        rows = []
+        for sequence, tokens in zip(sequences, todo):
+            chunk = tokens[:count]
+            sequence.fed += len(chunk)
+            rows.append(chunk + [0] * (count - len(chunk)))
+        self.prefill_budget -= count * len(rows)
+        return self.pipeline.run(batch.group, mx.array(rows, dtype=mx.int32), False), count
 
     def _next_inputs(self, batch: Batch) -> mx.array:
         return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in batch.members], dtype=mx.int32)
@@ -274,18 +322,22 @@ class Scheduler:
         joined = []
         for group in self.waiting:
             waiting = self.batches[group]
-            seq = waiting.members[0]
-            if self.sequences[seq].finished:
+            for seq in [s for s in waiting.members if self.sequences[s].finished]:
                 self._leave(waiting, seq)
-                continue
-            self.pipeline.broadcast(Header(OP_MERGE, batch.group, group))
-            self.pipeline.merge(batch.group, group)
-            batch.members.append(seq)
-            self.sequences[seq].group = batch.group
-            del self.batches[group]
-            joined.append(seq)
+            if waiting.members:
+                joined += waiting.members
+                self._merge(batch, waiting)
         self.waiting.clear()
         return joined
+
+    def _merge(self, batch: Batch, other: Batch) -> None:
+        """The sequences of `other` join `batch` as new rows, on every rank."""
+        self.pipeline.broadcast(Header(OP_MERGE, batch.group, other.group))
+        self.pipeline.merge(batch.group, other.group)
+        for seq in other.members:
+            self.sequences[seq].group = batch.group
+        batch.members += other.members
+        del self.batches[other.group]
 
     def _promote_waiting(self) -> None:
         """Waiting groups become decode groups of their own while there is room."""
@@ -297,7 +349,9 @@ class Scheduler:
         the prompt cache when that is on."""
         sequence = self.sequences[seq]
         entry, evicted = None, []
-        if self.prompt_cache is not None and sequence.fed > 0:
+        # A row of a padded prefill still under way holds padding, not just its tokens.
+        padded = not batch.decoding and len(batch.members) > 1
+        if self.prompt_cache is not None and sequence.fed > 0 and not padded:
             entry, evicted = self.prompt_cache.insert(sequence.tokens[: sequence.fed])
         flag = int(entry is not None)
         self.pipeline.broadcast(Header(OP_LEAVE, batch.group, seq, entry or 0, flag))
@@ -336,8 +390,7 @@ class Scheduler:
         return events
 
     def _prefilled(self, batch: Batch) -> bool:
-        sequence = self.sequences[batch.members[0]]
-        return sequence.fed >= sequence.prompt_tokens - 1
+        return all(self._remaining_prompt(s) <= 0 for s in batch.members)
 
     def _requeue(self, batch: Batch) -> None:
         if not batch.decoding and self._prefilled(batch):

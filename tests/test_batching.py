@@ -55,9 +55,9 @@ def _chat(api: ApiServer, model: Path, messages: list[dict], max_tokens: int, de
     return {"text": "".join(text), "finish_reason": finish, "usage": usage}
 
 
-def _expected(model: Path, content: str, max_tokens: int) -> dict:
+def _expected(model: Path, content: str, max_tokens: int, prefill_step: int = PREFILL_STEP) -> dict:
     """mlx-lm alone, greedy, with the same prefill chunks."""
-    tokens = reference_tokens(model, content, max_tokens, chat=True, prefill_step_size=PREFILL_STEP)
+    tokens = reference_tokens(model, content, max_tokens, chat=True, prefill_step_size=prefill_step)
     return {"text": _text(model, tokens), "finish_reason": "length" if len(tokens) == max_tokens else "stop"}
 
 
@@ -124,6 +124,36 @@ def test_ranks_sharing_a_machine_take_turns_by_default(tmp_path: Path, model: Pa
     with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(PREFILL_STEP)) as (api, _):
         assert _heartbeat(api)["micro_batches"] == 1
         _check_joining(api, model)
+
+
+# Prompts of different lengths, all short enough to go through prefill in one padded chunk.
+TOGETHER = ["Hi", "Name a colour.", "What is the capital of France, and why?", "Count to three."]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: str) -> None:
+    """Prompts already waiting when the ring starts are prefilled as one group, right-padded
+    to one length (PREPARE around 2 ranks); every reply still equals mlx-lm alone. gemma3's
+    16-token sliding window is shorter than most of the prompts."""
+    model = make_tiny_model(arch, tmp_path / arch)
+    step = 256  # one chunk holds them all
+    with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(step)) as (api, rank):
+        rank.stop()
+        with ThreadPoolExecutor(len(TOGETHER)) as pool:
+            futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], 30) for c in TOGETHER]
+            assert _wait_for(lambda: api.spool.queue_depth() == len(TOGETHER), timeout=30)
+            rank.start()
+            replies = [f.result() for f in futures]
+            # Again, now from their cached prefixes (of different lengths) where there is a prompt cache.
+            again = list(pool.map(lambda c: _chat(api, model, [{"role": "user", "content": c}], 30), TOGETHER))
+        metrics = httpx.get(f"{api.url}/metrics").text
+    for content, reply, second in zip(TOGETHER, replies, again):
+        expected = _expected(model, content, 30, prefill_step=step)
+        assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == expected, content
+        assert {"text": second["text"], "finish_reason": second["finish_reason"]} == expected, content
+    assert f"prefilling {len(TOGETHER)} prompts together" in rank.log_path.read_text()
+    if arch == "llama":  # gemma3's window caches cannot be cut back to a prefix: no prompt cache
+        assert _metric(metrics, "mlx_ring_prompt_cache_hits_total") >= len(TOGETHER)
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(serving, model: Path) -> None:
