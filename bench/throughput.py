@@ -2,8 +2,9 @@
 
 Measures, one system after another (each stopped, its port free, before the next):
 mlx_lm.server single process, mlx_lm.server --pipeline on 2 ranks (MPI), mlx-ring
-on 1 and 2 ranks (MPI). Each runs a warm-up, then for every stream count and
-round a batch of concurrent streaming chat completions (greedy, max_tokens each,
+on 1 and 2 ranks (MPI); then again in reverse order (--passes), as this machine's
+speed drifts by 10% and more over minutes. Each start runs a warm-up, then for
+every stream count and round a batch of concurrent streaming chat completions (greedy, max_tokens each,
 prompts of ~50 tokens varied per stream). Reports aggregate tok/s (completion
 tokens actually generated / wall time of the batch) and time to first token
 p50/p95 over all streams, as a markdown table, a PNG bar plot and the raw samples
@@ -21,7 +22,7 @@ as launch.sh starts it, mlx_lm.server --pipeline as mpirun binds by default.
 Targets (issue 6): mlx-ring on 2 ranks >= 0.97x mlx_lm.server at 1 stream,
 >= 1.0x at 8 streams, >= 1.5x mlx_lm.server --pipeline at 8 streams.
 
-    .venv/bin/python bench/throughput.py [--rounds 3] [--streams 1,8] [--tokens 48]
+    .venv/bin/python bench/throughput.py [--passes 2] [--rounds 3] [--streams 1,8] [--tokens 48]
         [--systems mlx-lm,mlx-lm-pipeline,ring-1,ring-2] [--blas openblas|reference]
         [--bind-to auto|none|core] [--model DIR] [--wait-quiet 120] [--out bench/results]
 """
@@ -310,6 +311,16 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> dict:
     return {"batches": samples, "other_cpu": others}
 
 
+def merge_runs(kept: dict | None, new: dict) -> dict:
+    """One system's batches from several passes; other processes' CPU share weighted by time."""
+    if kept is None:
+        return new
+    batches = {n: kept["batches"][n] + new["batches"][n] for n in new["batches"]}
+    walls = [sum(b["wall"] for bs in run["batches"].values() for b in bs) for run in (kept, new)]
+    others = (kept["other_cpu"] * walls[0] + new["other_cpu"] * walls[1]) / sum(walls)
+    return {"batches": batches, "other_cpu": others}
+
+
 def table(results: dict[str, dict[int, dict]], streams: list[int]) -> str:
     """The markdown table: one row per system and stream count."""
     lines = [
@@ -372,7 +383,10 @@ def plot(results: dict[str, dict[int, dict]], streams: list[int], title: str, pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="batches per stream count (all kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="batches per stream count and pass (all kept)")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="times every system is started and measured; each pass in the reverse order of "
+                             "the one before, so that a drift in the machine's speed hits every system alike")
     parser.add_argument("--streams", default="1,8", help="concurrent stream counts, comma-separated")
     parser.add_argument("--tokens", type=int, default=48, help="max_tokens per stream")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
@@ -405,14 +419,20 @@ def main() -> None:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    runs = {system: measure(system, args, logs) for system in [s for s in SYSTEMS if s in systems]}
+    order = [s for s in SYSTEMS if s in systems]
+    runs: dict[str, dict] = {}
+    for pass_ in range(args.passes):
+        print(f"pass {pass_ + 1}/{args.passes}", flush=True)
+        for system in order if pass_ % 2 == 0 else order[::-1]:
+            runs[system] = merge_runs(runs.get(system), measure(system, args, logs))
+    runs = {system: runs[system] for system in order}
     results = {system: {n: summarize(batches) for n, batches in run["batches"].items()}
                for system, run in runs.items()}
     others = "CPU used by other processes during each measurement: " + ", ".join(
         f"{SYSTEMS[system][0]} ({SYSTEMS[system][1]}) {100 * run['other_cpu']:.0f}%" for system, run in runs.items())
 
     setup = [f"random-weight qwen2, {params / 1e6:.1f}M params, float32, {args.tokens}-token streams, "
-             f"{args.rounds} round(s)", f"{args.blas} BLAS, mpirun --bind-to {args.bind_to}, {os.cpu_count()} CPUs"]
+             f"{args.passes} pass(es) of {args.rounds} round(s)", f"{args.blas} BLAS, mpirun --bind-to {args.bind_to}, {os.cpu_count()} CPUs"]
     markdown = table(results, args.streams)
     targets = target_lines(results, args.streams)
     early = sum(row["early_stops"] for by_n in results.values() for row in by_n.values())
@@ -427,7 +447,7 @@ def main() -> None:
     plot(results, args.streams, "\n".join(setup), args.out / "throughput.png")
     (args.out / "throughput.json").write_text(json.dumps({
         "model": args.model, "parameters": params, "blas": args.blas, "bind_to": args.bind_to,
-        "tokens": args.tokens, "rounds": args.rounds, "machine": platform.platform(), "cpus": os.cpu_count(),
+        "tokens": args.tokens, "passes": args.passes, "rounds": args.rounds, "machine": platform.platform(), "cpus": os.cpu_count(),
         "summary": results, "runs": runs,
     }, indent=1))
     print(f"\nwrote {args.out / 'throughput.md'}, throughput.png, throughput.json; "
