@@ -4,9 +4,9 @@ Rank 0 (see `distributed.scheduler`) decides everything and sends each decision
 around the ring as a message: open a sequence, step a group, merge two groups,
 prepare a group's prompts to be prefilled together, a sequence leaves, a stored
 cache is evicted. Every rank applies the messages in the order they arrive, so
-all ranks' tables stay alike. A step runs one group
-(one batch row per sequence) through this rank's layers; the last rank samples
-and sends the group's tokens back to rank 0.
+all ranks' tables stay alike. A step runs one group (one batch row per sequence)
+through this rank's layers; the last rank samples and sends the group's tokens
+back to rank 0.
 """
 
 from __future__ import annotations
