@@ -13,7 +13,6 @@ large one hides it.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,16 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from ring import bench_env, mpi_ranks, start, stop  # noqa: E402
+from ring import TICKS, bench_env, cpu_ticks, mpi_ranks, start, stop  # noqa: E402
 from spool import Spool  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_PAUSE = 3.0  # seconds without work before a timed request
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return cpu_ticks(pid) / TICKS
 
 
 def rank_pids(launcher: int) -> list[int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def bench_env(model: str | None, **settings: str) -> dict[str, str]:
@@ -83,12 +84,24 @@ def wait_healthy(url: str, timeout: float = 300, procs: tuple[subprocess.Popen, 
     raise SystemExit("the ring and API did not become healthy")
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat after the command name (which may hold spaces):
+    [0] state, [1] parent pid, [11] user and [12] system CPU time in clock ticks."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_ticks(pid: int) -> int:
+    """Clock ticks `pid` has spent on the CPU, user and system."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return int(fields[11]) + int(fields[12])
+
+
 def descendants(pid: int) -> list[int]:
     """The processes under `pid`, children first (read from /proc)."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
         except OSError:
             continue
         parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))

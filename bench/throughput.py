@@ -53,7 +53,8 @@ from distributed.group import point_mlx_at_mpi  # noqa: E402
 from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT  # noqa: E402
 from bench_model import DEFAULT_DIR, make_bench_model, parameter_count  # noqa: E402
 from ring import (  # noqa: E402
-    bench_env, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop, wait_healthy,
+    TICKS, bench_env, cpu_ticks, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop,
+    wait_healthy,
 )
 
 # name on the command line -> (label, ranks)
@@ -72,7 +73,6 @@ SUBJECTS = (
 )
 
 WARMUP_TOKENS = 4
-TICKS = os.sysconf("SC_CLK_TCK")
 # Before each system: wait for the rest of the machine to use at most this share of the CPUs.
 QUIET_SHARE = 0.1
 QUIET_WINDOW = 3.0
@@ -145,12 +145,11 @@ def busy_ticks() -> int:
 
 
 def process_ticks(pids: list[int]) -> int:
-    """Clock ticks `pids` have spent on the CPU."""
+    """Clock ticks `pids` have spent on the CPU (those still running)."""
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += cpu_ticks(pid)
         except OSError:
             pass
     return total
