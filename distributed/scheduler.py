@@ -222,10 +222,10 @@ class Scheduler:
             other = self.batches[group]
             if not self._unstarted(other):
                 continue
-            width = min(self.prefill_step_size, max(longest, self._remaining_prompt(other.members[0])))
-            if (len(batch.members) + 1) * width > self.prefill_step_size:
+            remaining = self._remaining_prompt(other.members[0])
+            if (len(batch.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
                 break
-            longest = max(longest, self._remaining_prompt(other.members[0]))
+            longest = max(longest, remaining)
             self.ready.remove(group)
             self._merge(batch, other)
         if len(batch.members) == 1:
@@ -244,7 +244,7 @@ class Scheduler:
                 self._leave(batch, seq)
             return
         if batch.decoding:
-            work = batch.work or self._decode_step(batch, self._next_inputs(batch))
+            work = batch.work or self._decode_step(batch, self._next_inputs(batch.members))
             length, sample = 1, True
             for seq in batch.members:
                 self.sequences[seq].fed += 1
@@ -281,8 +281,9 @@ class Scheduler:
         self.prefill_budget -= count * len(rows)
         return self.pipeline.run(batch.group, mx.array(rows, dtype=mx.int32), False), count
 
-    def _next_inputs(self, batch: Batch) -> mx.array:
-        return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in batch.members], dtype=mx.int32)
+    def _next_inputs(self, members: list[int]) -> mx.array:
+        """Each sequence's next token to feed, one row each."""
+        return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in members], dtype=mx.int32)
 
     def _decode_step(self, batch: Batch, inputs: mx.array) -> StepWork:
         return self.pipeline.run(batch.group, inputs[:, None], True)
@@ -306,7 +307,7 @@ class Scheduler:
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])
         if joining:
-            parts.append(mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in joining], dtype=mx.int32))
+            parts.append(self._next_inputs(joining))
         batch.work = self._decode_step(batch, mx.concatenate(parts) if len(parts) > 1 else parts[0])
 
     # Group membership.
