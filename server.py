@@ -109,6 +109,17 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
 
 
 @dataclass
+class Claim:
+    """A request rank 0 took from the spool. Its time to first token counts from
+    here, as one-shot mode's counts from handing the prompt to the scheduler."""
+
+    request_id: str
+    request: dict
+    claimed_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class Reply:
     """One request being answered: where its tokens go and what to report."""
 
@@ -117,8 +128,8 @@ class Reply:
     max_tokens: int
     stream: TextStream
     cached_tokens: int
-    started: float = field(default_factory=time.perf_counter)
-    claimed_at: float = field(default_factory=time.time)
+    started: float
+    claimed_at: float
     first_token: Optional[float] = None
     completion: int = 0
 
@@ -134,7 +145,7 @@ class Serving:
         self.model = served_name(settings.model_repo)
         self.stopping = False
         self.replies: dict[int, Reply] = {}
-        self.held: Optional[tuple[str, dict]] = None  # claimed, waiting for KV room
+        self.held: Optional[Claim] = None  # claimed, waiting for KV room
         self.peak_active = 0
         self.next_heartbeat = 0.0
         self.next_purge = 0.0
@@ -186,10 +197,11 @@ class Serving:
         that doesn't waits, and the rest stay in the spool."""
         while not self.stopping:
             if self.held is None:
-                self.held = self.spool.claim()
-                if self.held is None:
+                claimed = self.spool.claim()
+                if claimed is None:
                     return
-            request_id, request = self.held
+                self.held = Claim(*claimed)
+            request_id, request = self.held.request_id, self.held.request
             prompt = request["prompt_tokens"]
             try:
                 if not self.scheduler.fits(len(prompt), request["max_tokens"]):
@@ -200,10 +212,11 @@ class Serving:
                 self.spool.finish(request_id, {"type": "error", "message": str(err), "code": err.code, "status": 400})
                 self.held = None
                 continue
-            self.held = None
+            claim, self.held = self.held, None
             cached = self.scheduler.sequences[seq].cached
             stream = TextStream(self.cluster.tokenizer, request.get("stop") or [])
-            self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached)
+            self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached,
+                                      claim.started, claim.claimed_at)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info(
                 "request %s: %d prompt tokens (%d cached), %d active",
