@@ -624,32 +624,40 @@ async def _first_event(feed: EventFeed, client: Request) -> dict:
 
 async def _stream(feed: EventFeed, first: dict, reply: Reply, include_usage: bool,
                   metrics: Metrics) -> AsyncIterator[str]:
-    """The server-sent events of a streaming request, from its first event on."""
+    """The server-sent events of a streaming request, from its first event on. Events
+    ready together go out in one write (the opening chunk with the first text, the
+    closing chunk with the usage and [DONE]), so a client gets them in one read."""
     fresh = FreshText()
+    ready: list[str] = []
     try:
         opening = reply.opening()
         if opening is not None:
-            yield _sse(opening)
+            ready.append(_sse(opening))
         event = first
         while True:
             kind = event["type"]
             if kind == "delta" and (text := fresh.take(event["text"])):
-                yield _sse(reply.delta(text))
+                ready.append(_sse(reply.delta(text)))
             elif kind == "requeued":
                 fresh.restart()
             elif kind == "error":
-                yield _sse(ErrorResponse(error=_event_error(event).detail_model))
+                ready.append(_sse(ErrorResponse(error=_event_error(event).detail_model)))
+                yield "".join(ready)
                 return
             elif kind == "final":
                 usage = _finished(feed, event, metrics)
-                yield _sse(reply.closing(event["finish_reason"]))
+                ready.append(_sse(reply.closing(event["finish_reason"])))
                 if include_usage:
-                    yield _sse(reply.usage(usage))
-                yield "data: [DONE]\n\n"
+                    ready.append(_sse(reply.usage(usage)))
+                ready.append("data: [DONE]\n\n")
+                yield "".join(ready)
                 return
+            if ready:
+                yield "".join(ready)
+                ready.clear()
             # Starlette watches for the disconnect itself while it streams, so no client here.
             event = await feed.next(None)
-    except APIError as err:
+    except APIError as err:  # raised by feed.next, so nothing is left in `ready`
         yield _sse(ErrorResponse(error=err.detail_model))
     finally:
         feed.close("client disconnected or timed out mid-stream")
