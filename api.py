@@ -41,6 +41,10 @@ EVENT_POLL = 0.001  # s between looks at a stream file without inotify: it adds 
 # overflowed event queue), and every waiting request pays for each look.
 INOTIFY_RECHECK = 1.0
 DISCONNECT_CHECK = 0.1  # s between checks that a waiting client is still there
+# s a stopping API lets its requests finish; then uvicorn cancels them, which cancels them in
+# the spool too (their clients are cut off). Well under launch.sh's KILL_GRACE, so that an
+# open stream never gets the API SIGKILLed before it has cleaned up.
+SHUTDOWN_GRACE = 2.0
 MAX_STOP_STRINGS = 16
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -839,7 +843,7 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s api %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=SHUTDOWN_GRACE)
     return 0
 
 

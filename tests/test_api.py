@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ import uvicorn
 from conftest import launch_command, rank_env
 from mlx_lm.sample_utils import make_sampler
 
-from api import create_app
+from api import SHUTDOWN_GRACE, create_app
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from tiny_models import make_tiny_model
@@ -582,6 +583,43 @@ def test_client_disconnect_mid_stream_cancels(ring: ApiServer, tiny_model: Path)
     messages = [{"role": "user", "content": "hi"}]
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content == _mlx_lm_greedy(tiny_model, messages, 8).text
+
+
+def test_stopping_the_api_cancels_its_open_streams(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    """`python api.py` as launch.sh runs it gets SIGTERM with a stream open: it ends the stream,
+    cancels its request on the ring, and exits by itself, long before launch.sh would SIGKILL it."""
+    spool_dir = real_ring[0].settings.spool_dir
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = rank_env({"MODEL_REPO": str(tiny_model), "SPOOL_DIR": str(spool_dir), "API_PORT": str(port),
+                    "MAX_SEQUENCE_LENGTH": str(RING_MAX_SEQ)})
+    with open(tmp_path / "api.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO_DIR / "api.py")], cwd=REPO_DIR, env=env, stdout=log,
+                                stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None
+        assert _wait_for(healthy, timeout=60) and proc.poll() is None, (tmp_path / "api.log").read_text()
+        body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(json.loads(line[6:]) for line in lines if line.startswith("data: {"))
+            proc.terminate()
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in lines:
+                    pass
+        proc.wait(timeout=SHUTDOWN_GRACE + 5)
+    finally:
+        proc.kill()
+        proc.wait()
+    _finished_cancelled(real_ring[0], first["id"].removeprefix("chatcmpl-"))
 
 
 def test_timeout_mid_stream_is_an_sse_error(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path) -> None:
