@@ -109,21 +109,31 @@ class Spool:
         self._write_atomic(self._incoming / f"{request_id}.json", data, durable=True)
         return request_id
 
-    def cancel(self, request_id: str) -> None:
-        """Mark the request cancelled; one still waiting is withdrawn and finished here."""
-        marker = self._cancel / check_id(request_id)
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+    def _withdraw(self, request_id: str, source: Path) -> None:
+        """Finish a request that is not running as cancelled, moving it from `source` to
+        done/; nothing happens if it is not there (claimed or finished meanwhile)."""
+        done = self._done / f"{request_id}.json"
         try:
             # Rename wins or loses atomically against claim(): never both.
-            os.rename(self._incoming / f"{request_id}.json", self._done / f"{request_id}.json")
+            os.rename(source / f"{request_id}.json", done)
         except FileNotFoundError:
-            return  # claimed (rank 0 sees the marker) or already done
-        request = json.loads((self._done / f"{request_id}.json").read_bytes())
+            return
+        request = json.loads(done.read_bytes())
+        events, _ = self.read_events(request_id)
+        starts = [i for i, e in enumerate(events) if e.get("type") == "requeued"]
+        output = events[starts[-1] + 1 if starts else 0:]
         prompt = len(request.get("prompt_tokens", []))
-        usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
-        final = {"type": "final", "finish_reason": "cancelled", "usage": usage, "timings": {}}
-        self.append(request_id, final)
-        os.utime(self._done / f"{request_id}.json")
+        completion = sum(len(e.get("token_ids", [])) for e in output if e.get("type") == "delta")
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        self.append(request_id, {"type": "final", "finish_reason": "cancelled", "usage": usage, "timings": {}})
+        os.utime(done)
+
+    def cancel(self, request_id: str) -> None:
+        """Mark the request cancelled; one still waiting is withdrawn and finished here
+        (a claimed one is left to rank 0, which sees the marker)."""
+        marker = self._cancel / check_id(request_id)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+        self._withdraw(request_id, self._incoming)
 
     def read_events(self, request_id: str, offset: int = 0) -> tuple[list[dict], int]:
         """Complete event lines from byte `offset`; a partial last line waits for its end."""
@@ -173,13 +183,17 @@ class Spool:
     def requeue_claimed(self) -> list[str]:
         """Put requests left in claimed/ by a dead rank 0 back in incoming/; return their ids.
 
-        One whose final event was written already only missed its move to done/.
+        One whose final event was written already only missed its move to done/; one
+        cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled.
         """
         requeued = []
         for request_id in self._ids(self._claimed):
             last = self._last_event(request_id)
             if last is not None and last.get("type") in _TERMINAL:
                 os.rename(self._claimed / f"{request_id}.json", self._done / f"{request_id}.json")
+                continue
+            if self.is_cancelled(request_id):
+                self._withdraw(request_id, self._claimed)
                 continue
             # The marker precedes the rename so readers see it before any new output.
             self.append(request_id, {"type": "requeued"})

@@ -200,6 +200,22 @@ def test_cancel_of_a_claimed_request_leaves_it_to_rank0(tmp_path: Path) -> None:
     assert sp.read_events(request_id) == ([], 0)
 
 
+def test_cancelled_claimed_requests_are_finished_not_requeued(tmp_path: Path) -> None:
+    """A rank 0 stopped mid-generation, then the client went away (or the API stopped):
+    the next rank 0 must not run the request again for nobody."""
+    sp = Spool(tmp_path)
+    gone, kept = sp.submit({"prompt_tokens": [1, 2, 3]}), sp.submit({"prompt_tokens": [4]})
+    for _ in range(2):
+        sp.claim()
+    sp.append(gone, {"type": "delta", "text": "ab", "token_ids": [7, 8]})
+    sp.cancel(gone)
+    assert sp.requeue_claimed() == [kept]
+    assert _names(tmp_path / "done") == {gone} and _names(tmp_path / "incoming") == {kept}
+    final = sp.read_events(gone)[0][-1]
+    assert final["type"] == "final" and final["finish_reason"] == "cancelled"
+    assert final["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
 def test_heartbeat(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
     assert sp.read_heartbeat() is None
