@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes.util
 import json
 import logging
@@ -29,11 +30,30 @@ def point_mlx_at_mpi() -> None:
         os.environ["MLX_MPI_LIBNAME"] = found
 
 
+def finalize_lone_mpi() -> None:
+    """Finalize MPI if MLX initialized it and left it so. MLX does that for a group of
+    one (`mpirun -np 1`), and mpirun then calls the rank's exit abnormal and fails."""
+    name = os.environ.get("MLX_MPI_LIBNAME") or ctypes.util.find_library("mpi")
+    try:
+        mpi = ctypes.CDLL(name) if name else None
+    except OSError:
+        mpi = None
+    if mpi is None:
+        return
+    initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
+    mpi.MPI_Initialized(ctypes.byref(initialized))
+    mpi.MPI_Finalized(ctypes.byref(finalized))
+    if initialized.value and not finalized.value:
+        mpi.MPI_Finalize()
+
+
 def init_group(backend: str) -> mx.distributed.Group:
     """Join the group for `backend` ('any', 'ring', 'mpi', 'jaccl'); alone, a group of one."""
     if backend in ("any", "mpi"):
         point_mlx_at_mpi()
     group = mx.distributed.init(strict=False, backend=backend)
+    if group.size() == 1 and backend in ("any", "mpi"):
+        atexit.register(finalize_lone_mpi)
     log.info("joined group: rank %d of %d (backend %s)", group.rank(), group.size(), backend)
     return group
 

@@ -23,10 +23,12 @@ use_blas(Settings.model_fields["fast_blas"].default)
 
 import mlx.core as mx  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "bench"))
+from ring import mpi_command  # noqa: E402
 from tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MLX_LAUNCH = str(Path(PYTHON).parent / "mlx.launch")
 
@@ -74,7 +76,7 @@ def launch_command(ranks: int, backend: str, args: list[str]) -> list[str]:
         return server
     if backend == "mpi":
         # Local MPI ranks inherit mpirun's environment.
-        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), *server]
+        return mpi_command(ranks, *server)
     return [MLX_LAUNCH, "-n", str(ranks), "--backend", backend, "--", *server]
 
 
