@@ -84,9 +84,14 @@ def run_ranks(
     ranks: int, backend: str, settings: dict[str, str], args: list[str], timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """Run server.py on `ranks` real processes and wait for all of them."""
-    env = rank_env({"BACKEND": backend} | settings)
+    return run_launch(launch_command(ranks, backend, args), rank_env({"BACKEND": backend} | settings), timeout)
+
+
+def run_launch(command: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `command`, which starts server.py ranks, and wait for all of them; on timeout,
+    fail with their output and stacks."""
     proc = subprocess.Popen(
-        launch_command(ranks, backend, args),
+        command,
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PROMPT, PYTHON, REPO, generate_json, mpi_command, rank_env, reference_tokens, run_ranks
+from conftest import (
+    PROMPT, PYTHON, REPO, generate_json, mpi_command, rank_env, reference_tokens, run_launch, run_ranks,
+)
 from tiny_models import ARCHITECTURES
 
 from distributed.shard import Stage, stage_weight_files
@@ -41,8 +42,7 @@ def test_group_of_one_under_mpirun_exits_cleanly(tiny_models):
     mpirun calls the exit abnormal and fails even though the answer was printed."""
     path = tiny_models["llama"]
     command = mpi_command(1, PYTHON, str(REPO / "server.py"), "--prompt", PROMPT, "--max-tokens", "8", "--json")
-    proc = subprocess.run(command, env=rank_env({"MODEL_REPO": str(path), "BACKEND": "mpi"}), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_launch(command, rank_env({"MODEL_REPO": str(path), "BACKEND": "mpi"}), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == reference_tokens(path, PROMPT, 8)
 
