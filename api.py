@@ -612,8 +612,9 @@ def _sse(obj: BaseModel | dict) -> str:
 
 
 async def _first_event(feed: EventFeed, client: Request) -> dict:
-    """Wait for the first output before answering a streaming request, so that an error
-    or a timeout before any output still gets its proper HTTP status."""
+    """Wait until rank 0 starts the request (or ends it) before answering a streaming
+    request, so that a refusal or a timeout in the queue still gets its proper HTTP
+    status, while the headers and the opening chunk go out during the prefill."""
     try:
         while (event := await feed.next(client)) is not None:
             if event["type"] == "error":
@@ -628,9 +629,9 @@ async def _first_event(feed: EventFeed, client: Request) -> dict:
 
 async def _stream(feed: EventFeed, first: dict, reply: Reply, include_usage: bool,
                   metrics: Metrics) -> AsyncIterator[str]:
-    """The server-sent events of a streaming request, from its first event on. Events
-    ready together go out in one write (the opening chunk with the first text, the
-    closing chunk with the usage and [DONE]), so a client gets them in one read."""
+    """The server-sent events of a streaming request, from its first event on (usually
+    `started`, when the opening chunk goes out). Events ready together go out in one
+    write (the closing chunk with the usage and [DONE]), so a client gets them in one read."""
     fresh = FreshText()
     ready: list[str] = []
     try:

@@ -213,6 +213,8 @@ class Serving:
                 self.held = None
                 continue
             claim, self.held = self.held, None
+            # The API starts its response now, so the first token travels alone.
+            self.spool.append(request_id, {"type": "started"})
             cached = self.scheduler.sequences[seq].cached
             stream = TextStream(self.cluster.tokenizer, request.get("stop") or [])
             self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached,

@@ -83,13 +83,15 @@ def main() -> None:
         wait_healthy(url)
         # One keep-alive client, as a real application would use.
         client = httpx.Client(base_url=url)
-        added, to_claim = [], []
+        added, to_claim, client_ttfts, engine_ttfts = [], [], [], []
         for i in range(args.requests):
             sent_at = time.time()
             run = stream_chat(client, served, f"Say one word. ({i})", 1)
             client_ttft = run["arrivals"][0] - run["sent"]
             timings = engine_timings(spool_dir, run["id"])
             added.append(client_ttft - timings["time_to_first_token"])
+            client_ttfts.append(client_ttft)
+            engine_ttfts.append(timings["time_to_first_token"])
             to_claim.append(timings["claimed_at"] - sent_at)
             if (i + 1) % 5 == 0:
                 print(f"[{i + 1}/{args.requests}] TTFT requests", flush=True)
@@ -109,6 +111,8 @@ def main() -> None:
               f"p50 {1000 * statistics.median(added):.1f} ms, p95 {1000 * percentile(added, 0.95):.1f} ms "
               f"(target p50 <= 5 ms); of which request sent -> claimed by rank 0: "
               f"p50 {1000 * statistics.median(to_claim):.1f} ms")
+        print(f"TTFT p50: client {1000 * statistics.median(client_ttfts):.1f} ms, "
+              f"engine alone {1000 * statistics.median(engine_ttfts):.1f} ms")
         print(f"decode: mlx-ring over HTTP {max(decode):.2f} tok/s, mlx-lm {max(baseline):.2f} tok/s, "
               f"ratio {max(decode) / max(baseline):.3f} (target >= 0.97)")
     finally:

@@ -5,7 +5,8 @@ Layout under the root (directories 0700, files 0600):
     incoming/<id>.json   submitted, waiting for rank 0
     claimed/<id>.json    taken by rank 0, being generated
     done/<id>.json       finished (final or error event written)
-    streams/<id>.jsonl   the request's events, one JSON object a line
+    streams/<id>.jsonl   the request's events, one JSON object a line: started (rank 0
+                         admitted it), delta, requeued, then final or error
     cancel/<id>          cancel marker
     tmp/                 files being written, renamed into place when complete
     heartbeat.json       rank 0's latest status

@@ -10,6 +10,8 @@ single-process mlx-lm.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -454,6 +456,33 @@ def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == len(reference.token_ids)
     assert _spooled_request(ring, request_id)["max_tokens"] == 16  # DEFAULT_MAX_TOKENS
+
+
+def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path: Path) -> None:
+    """The headers and the role chunk go out when rank 0 admits the request, not with its
+    first token: with rank 1 of a 2-rank ring stopped no token can come, and yet the stream
+    is open. Once rank 1 goes on, the output equals mlx-lm's."""
+    messages = [{"role": "user", "content": "hi"}]
+    reference = _mlx_lm_greedy(tiny_model, messages, 8)
+    body = {"model": str(tiny_model), "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
+    with ring_and_api(tiny_model, tmp_path / "spool", ranks=2) as (api, rank):
+        follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
+        os.kill(follower, signal.SIGSTOP)
+        try:
+            with httpx.stream("POST", f"{api.url}/v1/chat/completions", headers=AUTH, json=body,
+                              timeout=60) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                opening = next(json.loads(line[6:]) for line in lines if line.startswith("data: {"))
+                assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+                request_id = opening["id"].removeprefix("chatcmpl-")
+                assert [e["type"] for e in _events(api, request_id)] == ["started"]
+                os.kill(follower, signal.SIGCONT)
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        finally:
+            os.kill(follower, signal.SIGCONT)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in rest) == reference.text
+    assert rest[-1]["choices"][0]["finish_reason"] == reference.finish_reason
 
 
 def test_openai_client_streaming(ring: ApiServer, tiny_model: Path) -> None:
