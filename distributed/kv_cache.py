@@ -109,10 +109,14 @@ class StageCache:
             c.filter(rows)
 
     def row(self, index: int) -> list:
-        """A copy of one sequence's caches, unbatched."""
-        if hasattr(self.local[0], "extract"):
-            return [c.extract(index) for c in self.local]
-        return copy.deepcopy(self.local)
+        """A copy of one sequence's caches, unbatched, computed now: a batch row left lazy
+        would keep the whole batch's arrays alive, and through the filters of the rows
+        that leave after it, restoring it would copy them again and again."""
+        if not hasattr(self.local[0], "extract"):
+            return copy.deepcopy(self.local)
+        caches = [c.extract(index) for c in self.local]
+        mx.eval([c.state for c in caches])
+        return caches
 
     @property
     def state(self) -> list:
