@@ -2,7 +2,8 @@
 
 Rank processes in serve mode (one rank, and two under MPI) behind the real API,
 over real HTTP with the official openai client. Every reply is compared with
-single-process mlx-lm running that request alone.
+single-process mlx-lm running that request alone. One check runs in this process: what
+a prompt-cache entry taken from a batch keeps in memory.
 """
 
 from __future__ import annotations
