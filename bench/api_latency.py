@@ -85,14 +85,12 @@ def main() -> None:
         wait_healthy(url)
         # One keep-alive client, as a real application would use.
         client = httpx.Client(base_url=url)
-        added, to_claim, client_ttfts, engine_ttfts = [], [], [], []
+        to_claim, client_ttfts, engine_ttfts = [], [], []
         for i in range(args.requests):
             sent_at = time.time()
             run = stream_chat(client, served, f"Say one word. ({i})", 1)
-            client_ttft = run["arrivals"][0] - run["sent"]
             timings = engine_timings(spool_dir, run["id"])
-            added.append(client_ttft - timings["time_to_first_token"])
-            client_ttfts.append(client_ttft)
+            client_ttfts.append(run["arrivals"][0] - run["sent"])
             engine_ttfts.append(timings["time_to_first_token"])
             to_claim.append(timings["claimed_at"] - sent_at)
             if (i + 1) % 5 == 0:
@@ -108,6 +106,7 @@ def main() -> None:
             baseline.append(run_baseline(str(model_dir), args.tokens))
             print(f"[{i + 1}/{args.rounds}] mlx-lm single process: {baseline[-1]:.2f} tok/s", flush=True)
 
+        added = [client - engine for client, engine in zip(client_ttfts, engine_ttfts)]
         print()
         print(f"TTFT added by HTTP + spool over {args.requests} requests: "
               f"p50 {1000 * statistics.median(added):.1f} ms, p95 {1000 * percentile(added, 0.95):.1f} ms "
