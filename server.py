@@ -177,16 +177,20 @@ class Serving:
         requeued = self.spool.requeue_claimed()
         if requeued:
             log.info("requeued %d requests left unfinished by the last run", len(requeued))
+        events: list[tuple[int, int]] = []
         while not self.stopping:
             self.heartbeat()
             self.admit()
-            if self.scheduler.busy:
-                for seq, token in self.scheduler.step():
-                    self.on_token(seq, token)
-                self.check_cancelled()
+            if self.scheduler.busy or events:
+                # The next steps start first, so the ring computes while the last
+                # step's tokens are written out.
+                self.scheduler.launch()
+                self.write_out(events)
+                events = self.scheduler.collect()
             else:
                 # The other ranks sleep on their doorbells meanwhile.
                 self.spool.wait_for_work(self.settings.poll_interval)
+        self.write_out(events)
         log.info("stopping; %d requests stay claimed for the next start", len(self.replies))
         self.heartbeat("stopped")
         self.scheduler.shutdown()
@@ -224,6 +228,12 @@ class Serving:
                 "request %s: %d prompt tokens (%d cached), %d active",
                 request_id, len(prompt), cached, len(self.replies),
             )
+
+    def write_out(self, events: list[tuple[int, int]]) -> None:
+        """Tokens into their requests' streams; then cancelled requests end."""
+        for seq, token in events:
+            self.on_token(seq, token)
+        self.check_cancelled()
 
     def on_token(self, seq: int, token: int) -> None:
         reply = self.replies[seq]

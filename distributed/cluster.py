@@ -100,8 +100,9 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     scheduler = tokenizer = None
     if stage.is_first:
         prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
-        scheduler = Scheduler(
-            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks)
-        )
         tokenizer = load_stage_tokenizer(path, config)
+        scheduler = Scheduler(
+            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
+            frozenset(tokenizer.eos_token_ids),
+        )
     return Cluster(group, stage, pipeline, scheduler, ranks, path, config, tokenizer)

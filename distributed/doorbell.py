@@ -2,10 +2,13 @@
 
 Both MLX backends busy-poll a pending receive: a rank waiting for its neighbour
 burns a core (on a machine shared by several ranks, the core the computing rank
-wants). So every message a rank sends to the next one is announced by one byte on
+wants). So every array a rank sends to the next one is announced by one byte on
 a TCP connection beside the MLX link, rung just before the send, and the receiver
-blocks in the kernel on that connection before it posts its receive. Bytes and
-messages go in the same order, so one byte is one message.
+blocks in the kernel on that connection before it posts its receive. Control
+messages (rank 0's small headers and JSON) travel on the same connection
+themselves: a socket write costs less than an MLX send, and the receiver needs
+no MLX receive at all. Everything on a connection goes in order, so the receiver
+always knows which kind of record comes next; the kind byte checks it.
 
 A neighbour that dies closes its end: the waiting rank learns it at once.
 """
@@ -20,7 +23,9 @@ from typing import Optional
 
 # How long to keep trying the next rank's doorbell while it starts listening.
 CONNECT_TIMEOUT = 30.0
-_BELL = b"\x01"
+_BELL = b"\x01"  # an array follows on the MLX link
+_MESSAGE = b"\x02"  # a control message follows on this connection, length first
+_LENGTH = struct.Struct("!I")
 _HELLO = struct.Struct("!i")  # the connecting rank's number
 
 
@@ -37,20 +42,45 @@ class Doorbell:
         self.prev_rank = prev_rank
 
     def ring(self) -> None:
-        """Announce one message to the next rank; call right before sending it."""
+        """Announce one array to the next rank; call right before sending it."""
+        self._send(_BELL)
+
+    def wait(self) -> None:
+        """Sleep until the previous rank announces its next array."""
+        self._expect(_BELL)
+
+    def post(self, message: bytes) -> None:
+        """Send a control message to the next rank."""
+        self._send(_MESSAGE + _LENGTH.pack(len(message)) + message)
+
+    def take(self) -> bytes:
+        """Sleep until the previous rank's next control message, and return it."""
+        self._expect(_MESSAGE)
+        (length,) = _LENGTH.unpack(self._read(_LENGTH.size))
+        return self._read(length)
+
+    def _send(self, data: bytes) -> None:
         try:
-            self.outgoing.sendall(_BELL)
+            self.outgoing.sendall(data)
         except OSError as err:
             raise RingBroken(f"the next rank is gone ({err})") from err
 
-    def wait(self) -> None:
-        """Sleep until the previous rank announces its next message."""
-        try:
-            got = self.incoming.recv(1)
-        except OSError as err:
-            raise RingBroken(f"rank {self.prev_rank} is gone ({err})") from err
-        if not got:
-            raise RingBroken(f"rank {self.prev_rank} is gone (its doorbell closed)")
+    def _expect(self, kind: bytes) -> None:
+        got = self._read(1)
+        if got != kind:
+            raise RingBroken(f"rank {self.prev_rank} is out of step: record {got!r} where {kind!r} was due")
+
+    def _read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            try:
+                chunk = self.incoming.recv(size - len(data))
+            except OSError as err:
+                raise RingBroken(f"rank {self.prev_rank} is gone ({err})") from err
+            if not chunk:
+                raise RingBroken(f"rank {self.prev_rank} is gone (its doorbell closed)")
+            data += chunk
+        return data
 
     def close(self) -> None:
         self.outgoing.close()

@@ -12,12 +12,12 @@ back to rank 0.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from distributed.doorbell import Doorbell
 from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
@@ -35,14 +35,17 @@ class RequestError(ValueError):
         self.code = code
 
 
+_HEADER = struct.Struct("!5i")  # op, group, seq, length, flag
+
+
 @dataclass(frozen=True)
 class Header:
-    """Sent ahead of every message.
+    """The start of every message from rank 0.
 
-    START: `group` and `seq` are new ids, `length` the payload's bytes.
+    START: `group` and `seq` are new ids; the JSON payload is the sequence's work.
     STEP: `length` tokens per row; `flag` set when the last rank samples.
     MERGE: `seq` is the group merged into `group`.
-    PREPARE: `group`'s rows are prefilled together next; `length` is the payload's bytes.
+    PREPARE: `group`'s rows are prefilled together next; the JSON payload says how.
     LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
     EVICT: `seq` is the stored entry to drop.
     """
@@ -53,15 +56,13 @@ class Header:
     length: int = 0
     flag: int = 0
 
-    def encode(self) -> mx.array:
-        return mx.array([self.op, self.group, self.seq, self.length, self.flag], dtype=mx.int32)
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.op, self.group, self.seq, self.length, self.flag)
 
     @classmethod
-    def decode(cls, data: mx.array) -> "Header":
-        return cls(*data.tolist())
+    def decode(cls, data: bytes) -> "Header":
+        return cls(*_HEADER.unpack(data))
 
-
-HEADER_SHAPE = (5,)
 
 
 @dataclass
@@ -132,16 +133,22 @@ class Pipeline:
         self.bell = bell  # None on a single rank
         self.groups: dict[int, Group] = {}
         self.stored: dict[int, list] = {}
+        self.unsent: list[StepWork] = []  # rank 0: started steps whose output is not sent yet
 
-    # Transport: neighbour-only, as the ring backend requires. Every message to the
-    # next rank is announced on its doorbell, and every receive waits for that first.
+    # Transport: neighbour-only, as the ring backend requires. Arrays go over MLX,
+    # each announced on the next rank's doorbell, and every receive waits for that
+    # first; rank 0's messages go over the doorbell's connection itself.
 
-    def _send(self, data: mx.array, dst: int) -> None:
-        self.bell.ring()
-        mx.eval(mx.distributed.send(data, dst, group=self.group))
+    def start(self, work: StepWork) -> None:
+        """Rank 0: compute a step in the background; its output is sent at `flush`."""
+        mx.async_eval(work.compute)
+        if work.send is not None:
+            self.unsent.append(work)
 
-    def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
-        return self.arrived(mx.distributed.recv(shape, dtype, src, group=self.group))
+    def flush(self) -> None:
+        """Rank 0: send the outputs of started steps, each once it is computed."""
+        while self.unsent:
+            self.complete(self.unsent.pop(0))
 
     def complete(self, work: StepWork) -> None:
         """Compute a step, then send its output on (announced first)."""
@@ -157,12 +164,11 @@ class Pipeline:
         return data
 
     def broadcast(self, header: Header, payload: bytes = b"") -> None:
-        """Rank 0: start a message around the ring."""
-        if self.stage.size == 1:
-            return
-        self._send(header.encode(), self.stage.next_rank)
-        if payload:
-            self._send(mx.array(np.frombuffer(payload, dtype=np.uint8)), self.stage.next_rank)
+        """Rank 0: start a message around the ring; a started step's output goes
+        first, as the next rank expects it right after that step's header."""
+        if self.stage.size > 1:
+            self.flush()
+            self.bell.post(header.encode() + payload)
 
     def receive_tokens(self, rows: int) -> mx.array:
         """Rank 0 of a ring: the tokens of the oldest step in flight (lazy)."""
@@ -170,18 +176,10 @@ class Pipeline:
 
     def _receive(self) -> tuple[Header, bytes]:
         """Other ranks: take the next message and pass it on (the last rank doesn't)."""
-        raw = self._recv(HEADER_SHAPE, mx.int32, self.stage.prev_rank)
-        header = Header.decode(raw)
-        forward = not self.stage.is_last
-        if forward:
-            self._send(raw, self.stage.next_rank)
-        payload = b""
-        if header.op in (OP_START, OP_PREPARE):
-            data = self._recv((header.length,), mx.uint8, self.stage.prev_rank)
-            if forward:
-                self._send(data, self.stage.next_rank)
-            payload = bytes(memoryview(data))
-        return header, payload
+        message = self.bell.take()
+        if not self.stage.is_last:
+            self.bell.post(message)
+        return Header.decode(message[: _HEADER.size]), message[_HEADER.size :]
 
     # The table; every rank applies the same changes in the same order.
 
@@ -242,16 +240,21 @@ class Pipeline:
             if target.padded_prompt <= 0:
                 target.cache.finalize()
         target.cache.maybe_quantize()
+        # What a step computes is its output, which every cache update feeds. Only a
+        # prefill without logits names the caches: mlx-lm's caches hand out their own
+        # arrays as `state`, and the next step's update rewrites those in place, so
+        # a step started in the background must not name them.
         if not self.stage.is_last:
             sender = self.model.model.layers[self.stage.end - 1]
-            return StepWork([sender.sending, target.cache.state], out)
+            return StepWork([sender.sending], out)
         if sample:
             tokens = mx.concatenate([s(out[i : i + 1]) for i, s in enumerate(target.samplers)])
+            work = StepWork([tokens])
         else:
             # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
             # still goes back, so rank 0 never has more steps in flight than ranks.
             tokens = mx.zeros((ids.shape[0],), dtype=mx.int32)
-        work = StepWork([target.cache.state, tokens])
+            work = StepWork([target.cache.state, tokens])
         if self.stage.size > 1:
             work.send = mx.distributed.send(tokens, self.stage.next_rank, group=self.group)
         return work

@@ -90,8 +90,10 @@ class Scheduler:
         prefill_step_size: int,
         prompt_cache_tokens: int,
         micro_batches: int = 1,
+        eos_token_ids: frozenset[int] = frozenset(),
     ):
         self.pipeline = pipeline
+        self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
@@ -134,7 +136,7 @@ class Scheduler:
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         payload = json.dumps(work).encode()
-        self.pipeline.broadcast(Header(OP_START, group, seq, len(payload)), payload)
+        self.pipeline.broadcast(Header(OP_START, group, seq), payload)
         self.pipeline.open(group, seq, work)
         cached = reuse.tokens if reuse else 0
         self.sequences[seq] = Sequence(group, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
@@ -156,9 +158,19 @@ class Scheduler:
     def step(self) -> list[tuple[int, int]]:
         """Launch what may go, then wait for the oldest step in flight; returns
         the (sequence, token) pairs it produced."""
+        self.launch()
+        return self.collect()
+
+    def launch(self) -> None:
+        """Start every step that may go; they compute while the caller goes on."""
         self._promote_waiting()
         while len(self.flights) < self.max_in_flight and (batch := self._next_to_launch()) is not None:
             self._launch(batch)
+
+    def collect(self) -> list[tuple[int, int]]:
+        """Wait for the oldest step in flight; returns the (sequence, token) pairs it
+        produced. A sequence that drew an end-of-sequence token is finished here,
+        so the next launch leaves it out."""
         return self._collect() if self.flights else []
 
     def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
@@ -233,7 +245,7 @@ class Scheduler:
         lengths = [self._remaining_prompt(s) for s in batch.members]
         padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
         payload = json.dumps(padding).encode()
-        self.pipeline.broadcast(Header(OP_PREPARE, batch.group, length=len(payload)), payload)
+        self.pipeline.broadcast(Header(OP_PREPARE, batch.group), payload)
         self.pipeline.prepare(batch.group, padding)
         log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
 
@@ -253,12 +265,11 @@ class Scheduler:
             work, length = self._prefill_step(batch)
             sample = False
         self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=int(sample)))
+        # As in mlx-lm: the device computes while the next step's graph is built.
+        self.pipeline.start(work)
         if self.pipeline.stage.size == 1:
-            # As in mlx-lm: the device computes while the next step's graph is built.
-            mx.async_eval(work.compute)
             tokens = work.compute[-1]
         else:
-            self.pipeline.complete(work)
             tokens = self.pipeline.receive_tokens(len(batch.members))
         self.flights.append(Flight(batch.group, list(batch.members), tokens, sample))
         batch.work = None
@@ -373,6 +384,7 @@ class Scheduler:
     def _collect(self) -> list[tuple[int, int]]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
+            self.pipeline.flush()
             self.pipeline.arrived(flight.tokens)
         values = flight.tokens.tolist()
         events = []
@@ -383,7 +395,7 @@ class Scheduler:
                     continue  # a row that rode along after its sequence ended
                 sequence.tokens.append(token)
                 events.append((seq, token))
-                if sequence.generated >= sequence.max_tokens:
+                if sequence.generated >= sequence.max_tokens or token in self.eos_token_ids:
                     self.finish(seq)
         batch = self.batches.get(flight.group)
         if batch is not None:

@@ -44,6 +44,28 @@ def test_each_ring_wakes_one_wait_in_order_around_the_ring() -> None:
         bell.close()
 
 
+def test_messages_and_bells_arrive_in_order_whatever_their_size() -> None:
+    bells = ring_of(2)
+    large = bytes(range(256)) * 8192  # 2 MiB: many TCP segments, read back whole
+    sender = threading.Thread(target=lambda: (bells[0].post(b"header"), bells[0].ring(), bells[0].post(large)))
+    sender.start()
+    assert bells[1].take() == b"header"
+    bells[1].wait()
+    assert bells[1].take() == large
+    sender.join(timeout=5)
+    for bell in bells:
+        bell.close()
+
+
+def test_a_record_out_of_step_is_an_error_not_a_misread() -> None:
+    bells = ring_of(2)
+    bells[0].post(b"header")
+    with pytest.raises(RingBroken, match="out of step"):
+        bells[1].wait()  # an array was expected; a message came
+    for bell in bells:
+        bell.close()
+
+
 def test_a_waiting_rank_sleeps_until_rung() -> None:
     bells = ring_of(2)
     woke: list[float] = []
