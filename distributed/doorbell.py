@@ -106,14 +106,13 @@ def connect(server: socket.socket, next_address: tuple[str, int], rank: int, pre
     with server:
         incoming, _ = server.accept()
     incoming.settimeout(CONNECT_TIMEOUT)
-    # Exactly the hello's bytes: bells may already follow it.
-    hello = b""
-    while len(hello) < _HELLO.size and (chunk := incoming.recv(_HELLO.size - len(hello))):
-        hello += chunk
-    if len(hello) != _HELLO.size or _HELLO.unpack(hello)[0] != prev_rank:
+    bell = Doorbell(outgoing, incoming, prev_rank)
+    # Exactly the hello's bytes: records may already follow it.
+    hello = bell._read(_HELLO.size)
+    if _HELLO.unpack(hello)[0] != prev_rank:
         raise RingBroken(f"expected rank {prev_rank} at this doorbell, got {hello!r}")
     incoming.settimeout(None)
-    return Doorbell(outgoing, incoming, prev_rank)
+    return bell
 
 
 def rank_addresses(size: int, hosts: str, hostfile: Optional[Path]) -> list[str]:
