@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import (
     PROMPT, PYTHON, REPO, generate_json, mpi_command, rank_env, reference_tokens, run_launch, run_ranks,
 )
 from tiny_models import ARCHITECTURES
 
+from config import load_settings
+from distributed.cluster import start_cluster
+from distributed.sampling import SamplingParams
 from distributed.shard import Stage, stage_weight_files
 
 MAX_TOKENS = 24
@@ -183,12 +187,6 @@ def test_too_long_prompt_is_refused_and_every_rank_exits(tiny_models):
 def test_a_sequence_that_draws_eos_is_left_out_of_the_next_step(tiny_models):
     """In process, a ring of one. Rank 0 starts the next step before the caller sees the
     last one's tokens, so the scheduler itself must end a sequence at its EOS token."""
-    import mlx.core as mx
-
-    from config import load_settings
-    from distributed.cluster import start_cluster
-    from distributed.sampling import SamplingParams
-
     path = tiny_models["qwen2"]
     expected = reference_tokens(path, PROMPT, 8)
     # Whatever the model draws at the first token not seen before is this run's EOS.
