@@ -35,6 +35,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,15 +234,6 @@ def run_batch(client: OpenAI, model: str, texts: list[str], tokens: int) -> dict
     return {"wall": wall, "streams": streams}
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 1]."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarize(batches: list[dict]) -> dict:
     """Aggregate tok/s over all rounds (tokens / wall time) and TTFT percentiles over all streams."""
     streams = [s for b in batches for s in b["streams"]]
@@ -249,8 +241,8 @@ def summarize(batches: list[dict]) -> dict:
     ttfts = [s["ttft"] for s in streams]
     return {
         "tok_s": tokens / sum(b["wall"] for b in batches),
-        "ttft_p50": percentile(ttfts, 0.5),
-        "ttft_p95": percentile(ttfts, 0.95),
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": statistics.quantiles(ttfts, n=20, method="inclusive")[-1],
         "tokens_per_stream": tokens / len(streams),
         "early_stops": sum(s["finish_reason"] != "length" for s in streams),
     }
@@ -304,7 +296,7 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> dict:
                 ttfts = [s["ttft"] for s in batch["streams"]]
                 print(f"[{system}] round {round_ + 1}/{args.rounds}, {n} stream(s): "
                       f"{tokens / batch['wall']:6.2f} tok/s ({tokens} tokens in {batch['wall']:.1f} s), "
-                      f"TTFT p50 {1000 * percentile(ttfts, 0.5):.0f} ms, others {100 * batch['other_cpu']:.0f}% CPU",
+                      f"TTFT p50 {1000 * statistics.median(ttfts):.0f} ms, others {100 * batch['other_cpu']:.0f}% CPU",
                       flush=True)
         kept = [b for batches in samples.values() for b in batches]
         others = sum(b["other_cpu"] * b["wall"] for b in kept) / sum(b["wall"] for b in kept)
