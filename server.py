@@ -189,6 +189,7 @@ class Serving:
                 events = self.scheduler.collect()
             else:
                 # The other ranks sleep on their doorbells meanwhile.
+                self.cluster.pipeline.check_ring()
                 self.spool.wait_for_work(self.settings.poll_interval)
         self.write_out(events)
         log.info("stopping; %d requests stay claimed for the next start", len(self.replies))

@@ -59,6 +59,19 @@ class Doorbell:
         (length,) = _LENGTH.unpack(self._read(_LENGTH.size))
         return self._read(length)
 
+    def check(self) -> None:
+        """Raise RingBroken if the previous rank has closed its end; never blocks.
+        For a rank with nothing in flight, which would otherwise learn it only at
+        its next message."""
+        try:
+            if self.incoming.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return
+        except BlockingIOError:
+            return
+        except OSError as err:
+            raise RingBroken(f"rank {self.prev_rank} is gone ({err})") from err
+        raise RingBroken(f"rank {self.prev_rank} is gone (its doorbell closed)")
+
     def _send(self, data: bytes) -> None:
         try:
             self.outgoing.sendall(data)

@@ -170,6 +170,12 @@ class Pipeline:
             self.flush()
             self.bell.post(header.encode() + payload)
 
+    def check_ring(self) -> None:
+        """Rank 0, idle: raise RingBroken if a rank is gone. A rank whose previous
+        rank died leaves too, so any loss reaches rank 0's own doorbell."""
+        if self.bell is not None:
+            self.bell.check()
+
     def receive_tokens(self, rows: int) -> mx.array:
         """Rank 0 of a ring: the tokens of the oldest step in flight (lazy)."""
         return mx.distributed.recv((rows,), mx.int32, self.stage.prev_rank, group=self.group)

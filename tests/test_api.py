@@ -485,6 +485,17 @@ def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path:
     assert rest[-1]["choices"][0]["finish_reason"] == reference.finish_reason
 
 
+def test_an_idle_rank_0_reports_a_dead_follower_itself(tiny_model: Path, tmp_path: Path) -> None:
+    """A follower killed while the ring is idle: rank 0 learns it from its doorbell at its
+    next poll, not at its next request, and /health says which rank is gone."""
+    with ring_and_api(tiny_model, tmp_path / "spool", ranks=2) as (api, rank):
+        follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
+        os.kill(follower, signal.SIGKILL)
+        assert _wait_for(lambda: httpx.get(f"{api.url}/health").status_code == 503, timeout=10)
+        health = httpx.get(f"{api.url}/health").json()
+        assert "ring broken: rank 1 is gone" in health["reason"], health
+
+
 def test_openai_client_streaming(ring: ApiServer, tiny_model: Path) -> None:
     messages = [{"role": "user", "content": "hi"}]
     reference = _mlx_lm_greedy(tiny_model, messages, 16)

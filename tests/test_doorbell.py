@@ -129,3 +129,15 @@ def test_rank_addresses_come_from_the_cluster_settings(tmp_path: Path) -> None:
     assert rank_addresses(2, "", hostfile) == ["192.168.2.1", "mac2"]
     with pytest.raises(ValueError, match="2 hosts for a ring of 3"):
         rank_addresses(3, "10.0.0.1,10.0.0.2", None)
+
+
+def test_an_idle_rank_learns_at_a_check_that_its_neighbour_is_gone() -> None:
+    bells = ring_of(2)
+    bells[0].check()  # alive and silent: returns at once
+    bells[1].ring()
+    bells[0].check()  # a record waiting is no loss, and stays to be read
+    bells[0].wait()
+    bells[1].close()
+    with pytest.raises(RingBroken, match="rank 1 is gone"):
+        bells[0].check()
+    bells[0].close()
