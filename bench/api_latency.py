@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from pipeline_decode import PROMPT, run_baseline  # noqa: E402
 from ring import bench_env, free_port, mpi_ranks, start, stop, wait_healthy  # noqa: E402
+from stats import p95  # noqa: E402
 
 
 def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict:
@@ -102,10 +103,9 @@ def main() -> None:
             print(f"[{i + 1}/{args.rounds}] mlx-lm single process: {baseline[-1]:.2f} tok/s", flush=True)
 
         added = [client - engine for client, engine in zip(client_ttfts, engine_ttfts)]
-        added_p95 = statistics.quantiles(added, n=20, method="inclusive")[-1]
         print()
         print(f"TTFT added by HTTP + spool over {args.requests} requests: "
-              f"p50 {1000 * statistics.median(added):.1f} ms, p95 {1000 * added_p95:.1f} ms "
+              f"p50 {1000 * statistics.median(added):.1f} ms, p95 {1000 * p95(added):.1f} ms "
               f"(target p50 <= 5 ms); of which request sent -> claimed by rank 0: "
               f"p50 {1000 * statistics.median(to_claim):.1f} ms")
         print(f"TTFT p50: client {1000 * statistics.median(client_ttfts):.1f} ms, "

@@ -57,6 +57,7 @@ from ring import (  # noqa: E402
     TICKS, bench_env, cpu_ticks, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop,
     wait_healthy,
 )
+from stats import p95  # noqa: E402
 
 # name on the command line -> (label, ranks)
 SYSTEMS: dict[str, tuple[str, int]] = {
@@ -242,7 +243,7 @@ def summarize(batches: list[dict]) -> dict:
     return {
         "tok_s": tokens / sum(b["wall"] for b in batches),
         "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": statistics.quantiles(ttfts, n=20, method="inclusive")[-1],
+        "ttft_p95": p95(ttfts),
         "tokens_per_stream": tokens / len(streams),
         "early_stops": sum(s["finish_reason"] != "length" for s in streams),
     }
