@@ -64,7 +64,6 @@ class Header:
         return cls(*_HEADER.unpack(data))
 
 
-
 @dataclass
 class StepWork:
     """One step on one rank: what to compute, then the send to the next rank (None
