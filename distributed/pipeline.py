@@ -5,14 +5,16 @@ around the ring as a message: open a sequence, step a group, merge two groups,
 prepare a group's prompts to be prefilled together, a sequence leaves, a stored
 cache is evicted. Every rank applies the messages in the order they arrive, so
 all ranks' tables stay alike. A step runs one group (one batch row per sequence)
-through this rank's layers; the last rank samples and sends the group's tokens
-back to rank 0.
+through this rank's layers; the last rank sends the group's logits back to rank 0,
+which samples. A step of one sequence shares the head: the last rank first sends
+the head's input, and rank 0 computes half of the logits meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +24,7 @@ import mlx.nn as nn
 from distributed.doorbell import Doorbell
 from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
 from distributed.sampling import SamplingParams, TokenSampler
-from distributed.shard import Stage
+from distributed.shard import Stage, shared_head
 
 OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_PREPARE, OP_LEAVE, OP_EVICT = range(7)
 
@@ -36,6 +38,7 @@ class RequestError(ValueError):
 
 
 _HEADER = struct.Struct("!5i")  # op, group, seq, length, flag
+SAMPLE, SHARE_HEAD = 1, 2  # STEP flags
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class Header:
     """The start of every message from rank 0.
 
     START: `group` and `seq` are new ids; the JSON payload is the sequence's work.
-    STEP: `length` tokens per row; `flag` set when the last rank samples.
+    STEP: `length` tokens per row; `flag` holds SAMPLE when the step computes
+    logits, and SHARE_HEAD when rank 0 computes half of them.
     MERGE: `seq` is the group merged into `group`.
     PREPARE: `group`'s rows are prefilled together next; the JSON payload says how.
     LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
@@ -67,10 +71,12 @@ class Header:
 @dataclass
 class StepWork:
     """One step on one rank: what to compute, then the send to the next rank (None
-    on a single rank), so the next rank's doorbell rings between the two."""
+    on a single rank), so the next rank's doorbell rings between the two; `then`,
+    a second compute and send that follow (the last rank's half of a shared head)."""
 
     compute: list
     send: Optional[mx.array] = None
+    then: Optional["StepWork"] = None
 
 
 @dataclass
@@ -79,7 +85,7 @@ class Group:
 
     members: list[int]
     cache: StageCache
-    samplers: list[TokenSampler] = field(default_factory=list)  # last rank only
+    samplers: list[TokenSampler] = field(default_factory=list)  # rank 0 only
     padded_prompt: int = 0  # tokens left of a padded prefill (see `prepare`)
 
 
@@ -130,9 +136,16 @@ class Pipeline:
         self.group = group
         self.kv = kv
         self.bell = bell  # None on a single rank
+        self.head = shared_head(model)  # rank 0 and the last rank of a ring
         self.groups: dict[int, Group] = {}
         self.stored: dict[int, list] = {}
-        self.unsent: list[StepWork] = []  # rank 0: started steps whose output is not sent yet
+        # Rank 0: started steps whose output is not sent yet, each with the number of
+        # results expected before it, and the results due back (lists of arrays, each
+        # announced by a bell), in launch order.
+        self.unsent: deque[tuple[int, StepWork]] = deque()
+        self.due: deque[list[mx.array]] = deque()
+        self.expected = 0
+        self.received = 0
 
     # Transport: neighbour-only, as the ring backend requires. Arrays go over MLX,
     # each announced on the next rank's doorbell, and every receive waits for that
@@ -142,19 +155,50 @@ class Pipeline:
         """Rank 0: compute a step in the background; its output is sent at `flush`."""
         mx.async_eval(work.compute)
         if work.send is not None:
-            self.unsent.append(work)
+            self.unsent.append((self.expected, work))
+
+    def expect(self, results: list[mx.array]) -> None:
+        """Rank 0: the results of the step just started, to receive in this order."""
+        self.due.append(results)
+        self.expected += 1
 
     def flush(self) -> None:
-        """Rank 0: send the outputs of started steps, each once it is computed."""
-        while self.unsent:
-            self.complete(self.unsent.pop(0))
+        """Rank 0: send the outputs of started steps, each once it is computed.
 
-    def complete(self, work: StepWork) -> None:
+        A send larger than the backend's buffers waits for its receiver, and the last
+        rank sends rank 0 results as large (logits). With every rank blocked in a send
+        to the next, the ring would hang, and each blocked rank holds another step: so
+        before a send, rank 0 receives older results until fewer than the ranks after
+        it are still due."""
+        while self.unsent:
+            older, work = self.unsent[0]
+            if older - self.received > self.stage.size - 2:
+                self._receive_next()
+            else:
+                self.unsent.popleft()
+                self.complete(work)
+
+    def receive(self, results: list[mx.array]) -> None:
+        """Rank 0: until `results` are in, sending the steps they come from first."""
+        while any(due is results for due in self.due):
+            if self.unsent and self.unsent[0][0] <= self.received:
+                self.complete(self.unsent.popleft()[1])
+            else:
+                self._receive_next()
+
+    def _receive_next(self) -> None:
+        self.received += 1
+        for data in self.due.popleft():
+            self.arrived(data)
+
+    def complete(self, work: Optional[StepWork]) -> None:
         """Compute a step, then send its output on (announced first)."""
-        mx.eval(work.compute)
-        if work.send is not None:
-            self.bell.ring()
-            mx.eval(work.send)
+        while work is not None:
+            mx.eval(work.compute)
+            if work.send is not None:
+                self.bell.ring()
+                mx.eval(work.send)
+            work = work.then
 
     def arrived(self, data: mx.array) -> mx.array:
         """A lazy receive from the previous rank, once it is there."""
@@ -175,9 +219,29 @@ class Pipeline:
         if self.bell is not None:
             self.bell.check()
 
-    def receive_tokens(self, rows: int) -> mx.array:
-        """Rank 0 of a ring: the tokens of the oldest step in flight (lazy)."""
-        return mx.distributed.recv((rows,), mx.int32, self.stage.prev_rank, group=self.group)
+    def receive_ack(self, rows: int) -> list[mx.array]:
+        """Rank 0 of a ring: the last rank's acknowledgement of a prefill step (lazy)."""
+        return [self._receive_array((rows,), mx.int32)]
+
+    def receive_tokens(self, group: int, share: bool) -> list[mx.array]:
+        """Rank 0 of a ring: what a sampling step sends back, in order (lazy); the
+        last is the tokens, sampled from the logits the last rank sends. With
+        `share`, the head's input comes first, and rank 0's half of the logits
+        from it comes before the tokens, to compute while the last rank does the rest."""
+        target = self.groups[group]
+        rows, head = len(target.members), self.head
+        start = head.split if share else 0
+        results = []
+        if share:
+            hidden = self._receive_array((rows, 1, head.hidden_size), head.input_dtype)
+            results.append(head.logits(hidden, 0, start))
+        logits = self._receive_array((rows, 1, head.vocab - start), head.logits_dtype)
+        if share:
+            logits = mx.concatenate([results[0], logits], axis=-1)
+        return results + [self.sample(target, logits)]
+
+    def _receive_array(self, shape: tuple, dtype: mx.Dtype) -> mx.array:
+        return mx.distributed.recv(shape, dtype, self.stage.prev_rank, group=self.group)
 
     def _receive(self) -> tuple[Header, bytes]:
         """Other ranks: take the next message and pass it on (the last rank doesn't)."""
@@ -197,7 +261,7 @@ class Pipeline:
             local = restore(self.stored[entry], tokens)
         cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv, local)
         samplers = []
-        if self.stage.is_last:
+        if self.stage.is_first:
             samplers = [TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])]
         self.groups[group] = Group([seq], cache, samplers)
 
@@ -234,11 +298,14 @@ class Pipeline:
     def evict(self, entry: int) -> None:
         self.stored.pop(entry, None)
 
-    def run(self, group: int, ids: mx.array, sample: bool) -> StepWork:
+    def run(self, group: int, ids: mx.array, sample: bool, share: bool = False) -> StepWork:
         """Build this stage's graph for one step of `group` (ids: rows x tokens).
-        The last stage computes the group's tokens, sent on to rank 0 when that
-        is another rank."""
+        With `sample`, the last stage computes the group's logits: on one rank it
+        samples them, on a ring it sends them to rank 0 (only the rows after the
+        head's split when `share`, after sending the head's input)."""
         target = self.groups[group]
+        if self.head is not None and self.stage.is_last:
+            self.head.first = self.head.split if share else 0
         out = self.model(ids, cache=target.cache.view())
         if target.padded_prompt > 0:
             target.padded_prompt -= ids.shape[1]
@@ -252,17 +319,28 @@ class Pipeline:
         if not self.stage.is_last:
             sender = self.model.model.layers[self.stage.end - 1]
             return StepWork([sender.sending], out)
+        if sample and self.stage.size == 1:
+            return StepWork([self.sample(target, out)])
         if sample:
-            tokens = mx.concatenate([s(out[i : i + 1]) for i, s in enumerate(target.samplers)])
-            work = StepWork([tokens])
-        else:
-            # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
-            # still goes back, so rank 0 never has more steps in flight than ranks.
-            tokens = mx.zeros((ids.shape[0],), dtype=mx.int32)
-            work = StepWork([target.cache.state, tokens])
+            work = StepWork([out], self._send(out))
+            if share:
+                hidden = self.head.hidden
+                work = StepWork([hidden], self._send(hidden), then=work)
+            return work
+        # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
+        # still goes back, so rank 0 never has more steps in flight than ranks.
+        ack = mx.zeros((ids.shape[0],), dtype=mx.int32)
+        work = StepWork([target.cache.state, ack])
         if self.stage.size > 1:
-            work.send = mx.distributed.send(tokens, self.stage.next_rank, group=self.group)
+            work.send = self._send(ack)
         return work
+
+    def sample(self, target: Group, logits: mx.array) -> mx.array:
+        """Rank 0: the next token of each row of a group, from its logits."""
+        return mx.concatenate([s(logits[i : i + 1]) for i, s in enumerate(target.samplers)])
+
+    def _send(self, data: mx.array) -> mx.array:
+        return mx.distributed.send(data, self.stage.next_rank, group=self.group)
 
     # Rank 0, ring-wide.
 
@@ -294,6 +372,6 @@ class Pipeline:
     def _follow_step(self, header: Header) -> None:
         rows = len(self.groups[header.group].members)
         ids = mx.zeros((rows, header.length), dtype=mx.int32)
-        work = self.run(header.group, ids, bool(header.flag))
+        work = self.run(header.group, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
         self.bell.wait()  # the previous rank's output, received in the graph
         self.complete(work)

@@ -32,6 +32,8 @@ from distributed.pipeline import (
     OP_PREPARE,
     OP_START,
     OP_STEP,
+    SAMPLE,
+    SHARE_HEAD,
     Header,
     Limits,
     Pipeline,
@@ -78,7 +80,7 @@ class Flight:
 
     group: int
     members: list[int]
-    tokens: mx.array
+    results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
     sample: bool
 
 
@@ -264,14 +266,24 @@ class Scheduler:
         else:
             work, length = self._prefill_step(batch)
             sample = False
-        self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=int(sample)))
+        ring = self.pipeline.stage.size > 1
+        # Exactly one row: its half-head logits are the same bits as the whole
+        # head's, which a BLAS may not give for a batch split across ranks.
+        share = ring and sample and len(batch.members) == 1
+        flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
+        self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
         self.pipeline.start(work)
-        if self.pipeline.stage.size == 1:
-            tokens = work.compute[-1]
+        if not ring:
+            results = [work.compute[-1]]
+        elif sample:
+            results = self.pipeline.receive_tokens(batch.group, share)
         else:
-            tokens = self.pipeline.receive_tokens(len(batch.members))
-        self.flights.append(Flight(batch.group, list(batch.members), tokens, sample))
+            results = self.pipeline.receive_ack(len(batch.members))
+        if ring:
+            self.pipeline.expect(results)
+        tokens = results[-1]
+        self.flights.append(Flight(batch.group, list(batch.members), results, sample))
         batch.work = None
         if batch.decoding:
             self._regroup(batch, tokens)
@@ -384,9 +396,9 @@ class Scheduler:
     def _collect(self) -> list[tuple[int, int]]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
-            self.pipeline.flush()
-            self.pipeline.arrived(flight.tokens)
-        values = flight.tokens.tolist()
+            self.pipeline.receive(flight.results)
+            self.pipeline.flush()  # the next rank may be waiting for a step started since
+        values = flight.results[-1].tolist()
         events = []
         if flight.sample:
             for seq, token in zip(flight.members, values):

@@ -9,6 +9,7 @@ read from disk.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -131,18 +132,53 @@ class PlaceholderEmbedding(nn.Module):
         return x
 
 
-class EmbeddingOnly(nn.Module):
-    """A tied embedding on a stage that is not last: embeds, but computes no logits."""
+class SharedHead(nn.Module):
+    """The output head (tied embedding or lm_head) on a ring, where rank 0 and the
+    last rank share it: with one sequence stepping, the ranks between would sit
+    idle while the last one computed logits over the whole vocabulary, so rank 0
+    computes the rows before `split` while the last rank computes the rest.
 
-    def __init__(self, embedding: nn.Module):
+    In the model's forward pass it stands where the head was. On rank 0 it passes
+    its input through (the model's output there is the send to the next rank). On
+    the last rank it gives the logits of rows `first:` (set per step) and keeps its
+    input, which rank 0 needs for the rows before `first`. A tied head still embeds.
+    """
+
+    def __init__(self, model: nn.Module, last: bool):
         super().__init__()
-        self.embedding = embedding
+        self.tied = "lm_head" not in model
+        self.head = model.model.embed_tokens if self.tied else model.lm_head
+        self.last = last
+        self.hidden_size = model.args.hidden_size
+        self.vocab = self.head.weight.shape[0]
+        self.split = self.vocab // 2
+        self.first = 0
+        # What rank 0 receives, known without evaluating anything.
+        x = model.model.norm(model.model.embed_tokens(mx.array([[0]])))
+        self.input_dtype = x.dtype
+        self.logits_dtype = self.logits(x, 0, 1).dtype
 
-    def __call__(self, ids: mx.array) -> mx.array:
-        return self.embedding(ids)
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.head(x) if self.tied else self._forward(x)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return x
+        return self._forward(x)
+
+    def _forward(self, x: mx.array) -> mx.array:
+        if not self.last:
+            return x
+        object.__setattr__(self, "hidden", x)
+        return self.logits(x, self.first, self.vocab)
+
+    def logits(self, x: mx.array, start: int, stop: int) -> mx.array:
+        """Logits of vocabulary rows [start, stop): each row's are the same bits as
+        the whole head's for one sequence."""
+        head = self.head
+        if (start, stop) != (0, self.vocab):
+            head = copy.copy(head)
+            for name, value in self.head.parameters().items():
+                head[name] = value[start:stop]
+        return head.as_linear(x) if self.tied else head(x)
 
 
 def architecture(model: nn.Module) -> str:
@@ -171,7 +207,8 @@ def local_model_path(model: str) -> Path:
 
 def stage_weight_files(weight_map: dict[str, str], stage: Stage) -> set[str]:
     """The checkpoint files holding what `stage` keeps: its layers, the embedding
-    on the first stage, the final norm and head (or tied embedding) on the last."""
+    on the first stage, the final norm and head (or tied embedding) on the last,
+    and on a ring the head on the first stage too (see `SharedHead`)."""
     tied = not any(name.startswith("lm_head.") for name in weight_map)
     files = set()
     for name, file in weight_map.items():
@@ -180,6 +217,8 @@ def stage_weight_files(weight_map: dict[str, str], stage: Stage) -> set[str]:
             needed = stage.start <= int(match.group(1)) < stage.end
         elif "embed_tokens" in name:
             needed = stage.is_first or (stage.is_last and tied)
+        elif name.startswith("lm_head."):
+            needed = stage.is_first or stage.is_last
         else:
             needed = stage.is_last
         if needed:
@@ -230,14 +269,31 @@ def prune_to_stage(model: nn.Module, stage: Stage, group: mx.distributed.Group) 
 
     tied = "lm_head" not in model
     hidden = PlaceholderEmbedding(model.args.hidden_size, hidden_dtype(model))
+    head = None
+    if stage.size > 1 and (stage.is_first or stage.is_last):
+        head = SharedHead(model, stage.is_last)
     if not stage.is_last:
         inner.norm = nn.Identity()
-        if not tied:
+    if tied:
+        if head is not None:
+            inner.embed_tokens = head
+        elif not stage.is_first and not stage.is_last:
+            inner.embed_tokens = hidden
+    else:
+        if head is not None:
+            model.lm_head = head
+        elif not stage.is_last:
             model.lm_head = nn.Identity()
-    if stage.is_first and not stage.is_last and tied:
-        inner.embed_tokens = EmbeddingOnly(inner.embed_tokens)
-    elif not stage.is_first and not (stage.is_last and tied):
-        inner.embed_tokens = hidden
+        if not stage.is_first:
+            inner.embed_tokens = hidden
+
+
+def shared_head(model: nn.Module) -> Optional[SharedHead]:
+    """The head rank 0 and the last rank share, on those two ranks of a ring."""
+    for head in (model.get("lm_head"), model.model.embed_tokens):
+        if isinstance(head, SharedHead):
+            return head
+    return None
 
 
 def parameter_bytes(model: nn.Module) -> int:

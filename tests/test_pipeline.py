@@ -15,7 +15,7 @@ from tiny_models import ARCHITECTURES
 from config import load_settings
 from distributed.cluster import start_cluster
 from distributed.sampling import SamplingParams
-from distributed.shard import Stage, stage_weight_files
+from distributed.shard import SharedHead, Stage, stage_weight_files
 
 MAX_TOKENS = 24
 # Chunked prefill: the prompt spans several chunks, as mlx-lm would do them.
@@ -85,7 +85,9 @@ def expected_parameter_bytes(path: Path, start: int, end: int, first: bool, last
             keep = start <= int(parts[parts.index("layers") + 1]) < end
         elif "embed_tokens" in name:
             keep = first or (last and tied)
-        else:  # final norm and lm_head
+        elif name.startswith("lm_head."):  # on a ring, rank 0 shares the head
+            keep = first or last
+        else:  # final norm
             keep = last
         total += value.nbytes if keep else 0
     return total
@@ -108,6 +110,28 @@ def test_stage_weight_files_pick_only_local_layers(tiny_models):
     assert stage_weight_files(index, Stage(1, 3, 3, 5)) == {second}
     # llama ties its head to the embedding, so the last stage needs it too.
     assert stage_weight_files(index, Stage(2, 3, 5, 6)) == {first, second}
+
+
+def test_stage_weight_files_give_rank_0_of_a_ring_an_untied_head(tiny_models):
+    index = json.loads((tiny_models["qwen3"] / "model.safetensors.index.json").read_text())["weight_map"]
+    first, second = sorted(set(index.values()))  # layers 0-2 + embedding, layers 3-5 + norm + lm_head
+    assert stage_weight_files(index, Stage(0, 3, 0, 2)) == {first, second}  # for lm_head, which it shares
+    assert stage_weight_files(index, Stage(1, 3, 2, 3)) == {first}  # a middle stage: no head
+
+
+@pytest.mark.parametrize("which", ["qwen2", "qwen3", "default"])
+def test_a_shared_heads_halves_are_the_whole_heads_logits(tiny_models, default_model, which):
+    """For one sequence, rank 0 and the last rank each compute half of the vocabulary's
+    logits; joined, they are the bits of the whole head (tied, untied, quantized)."""
+    from mlx_lm import load
+
+    model, _ = load(str(default_model if which == "default" else tiny_models[which]))
+    x = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(0))
+    whole = model.lm_head(x) if "lm_head" in model else model.model.embed_tokens.as_linear(x)
+    head = SharedHead(model, last=True)
+    halves = [head.logits(x, 0, head.split), head.logits(x, head.split, head.vocab)]
+    assert [h.shape[-1] for h in halves] == [head.split, head.vocab - head.split]
+    assert mx.array_equal(mx.concatenate(halves, axis=-1), whole).item()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
