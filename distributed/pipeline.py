@@ -145,7 +145,6 @@ class Pipeline:
         self.unsent: deque[tuple[int, StepWork]] = deque()
         self.due: deque[list[mx.array]] = deque()
         self.expected = 0
-        self.received = 0
 
     # Transport: neighbour-only, as the ring backend requires. Arrays go over MLX,
     # each announced on the next rank's doorbell, and every receive waits for that
@@ -172,7 +171,7 @@ class Pipeline:
         it are still due."""
         while self.unsent:
             older, work = self.unsent[0]
-            if older - self.received > self.stage.size - 2:
+            if older - self._received() > self.stage.size - 2:
                 self._receive_next()
             else:
                 self.unsent.popleft()
@@ -181,13 +180,15 @@ class Pipeline:
     def receive(self, results: list[mx.array]) -> None:
         """Rank 0: until `results` are in, sending the steps they come from first."""
         while any(due is results for due in self.due):
-            if self.unsent and self.unsent[0][0] <= self.received:
+            if self.unsent and self.unsent[0][0] <= self._received():
                 self.complete(self.unsent.popleft()[1])
             else:
                 self._receive_next()
 
+    def _received(self) -> int:
+        return self.expected - len(self.due)
+
     def _receive_next(self) -> None:
-        self.received += 1
         for data in self.due.popleft():
             self.arrived(data)
 
