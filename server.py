@@ -21,7 +21,8 @@ from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
 from distributed.doorbell import RingBroken
 from distributed.group import init_group
-from distributed.pipeline import RequestError
+from distributed.follower import follow
+from distributed.limits import RequestError
 from distributed.sampling import SamplingParams
 from models import served_name
 from spool import Spool
@@ -189,7 +190,7 @@ class Serving:
                 events = self.scheduler.collect()
             else:
                 # The other ranks sleep on their doorbells meanwhile.
-                self.cluster.pipeline.check_ring()
+                self.cluster.pipeline.transport.check_ring()
                 self.spool.wait_for_work(self.settings.poll_interval)
         self.write_out(events)
         log.info("stopping; %d requests stay claimed for the next start", len(self.replies))
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if not cluster.stage.is_first:
-            cluster.pipeline.follow()
+            follow(cluster.pipeline)
             log.info("released by rank 0; exiting")
             return 0
         if args.prompt is not None:

@@ -13,7 +13,8 @@ from config import Settings
 from distributed.doorbell import connect, listen, rank_addresses
 from distributed.group import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
-from distributed.pipeline import Limits, Pipeline
+from distributed.limits import Limits
+from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
 from distributed.split import plan_split
 from distributed.shard import (

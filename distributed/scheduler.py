@@ -25,22 +25,12 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from distributed.kv_cache import can_batch, can_reuse_prefixes
-from distributed.pipeline import (
-    OP_EVICT,
-    OP_LEAVE,
-    OP_MERGE,
-    OP_PREPARE,
-    OP_START,
-    OP_STEP,
-    SAMPLE,
-    SHARE_HEAD,
-    Header,
-    Limits,
-    Pipeline,
-    StepWork,
-)
+from distributed.limits import Limits
+from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
+from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
 from distributed.sampling import SamplingParams
+from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +85,7 @@ class Scheduler:
         eos_token_ids: frozenset[int] = frozenset(),
     ):
         self.pipeline = pipeline
+        self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.prefill_step_size = prefill_step_size
@@ -137,9 +128,7 @@ class Scheduler:
             "params": params.to_dict(),
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
-        payload = json.dumps(work).encode()
-        self.pipeline.broadcast(Header(OP_START, group, seq), payload)
-        self.pipeline.open(group, seq, work)
+        self.pipeline.tell(Header(Op.START, group, seq), json.dumps(work).encode())
         cached = reuse.tokens if reuse else 0
         self.sequences[seq] = Sequence(group, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
         self.batches[group] = Batch(group, [seq])
@@ -246,9 +235,7 @@ class Scheduler:
             return
         lengths = [self._remaining_prompt(s) for s in batch.members]
         padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
-        payload = json.dumps(padding).encode()
-        self.pipeline.broadcast(Header(OP_PREPARE, batch.group), payload)
-        self.pipeline.prepare(batch.group, padding)
+        self.pipeline.tell(Header(Op.PREPARE, batch.group), json.dumps(padding).encode())
         log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
 
     def _launch(self, batch: Batch) -> None:
@@ -271,9 +258,9 @@ class Scheduler:
         # head's, which a BLAS may not give for a batch split across ranks.
         share = ring and sample and len(batch.members) == 1
         flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
-        self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=flag))
+        self.transport.broadcast(Header(Op.STEP, batch.group, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
-        self.pipeline.start(work)
+        self.transport.start(work)
         if not ring:
             results = [work.compute[-1]]
         elif sample:
@@ -281,7 +268,7 @@ class Scheduler:
         else:
             results = self.pipeline.receive_ack(len(batch.members))
         if ring:
-            self.pipeline.expect(results)
+            self.transport.expect(results)
         tokens = results[-1]
         self.flights.append(Flight(batch.group, list(batch.members), results, sample))
         batch.work = None
@@ -356,8 +343,7 @@ class Scheduler:
 
     def _merge(self, batch: Batch, other: Batch) -> None:
         """The sequences of `other` join `batch` as new rows, on every rank."""
-        self.pipeline.broadcast(Header(OP_MERGE, batch.group, other.group))
-        self.pipeline.merge(batch.group, other.group)
+        self.pipeline.tell(Header(Op.MERGE, batch.group, other.group))
         for seq in other.members:
             self.sequences[seq].group = batch.group
         batch.members += other.members
@@ -378,11 +364,9 @@ class Scheduler:
         if self.prompt_cache is not None and sequence.fed > 0 and not padded:
             entry, evicted = self.prompt_cache.insert(sequence.tokens[: sequence.fed])
         flag = int(entry is not None)
-        self.pipeline.broadcast(Header(OP_LEAVE, batch.group, seq, entry or 0, flag))
-        self.pipeline.leave(batch.group, seq, entry)
+        self.pipeline.tell(Header(Op.LEAVE, batch.group, seq, entry or 0, flag))
         for old in evicted:
-            self.pipeline.broadcast(Header(OP_EVICT, seq=old))
-            self.pipeline.evict(old)
+            self.pipeline.tell(Header(Op.EVICT, seq=old))
         batch.members.remove(seq)
         if not batch.members:
             del self.batches[batch.group]
@@ -396,8 +380,8 @@ class Scheduler:
     def _collect(self) -> list[tuple[int, int]]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
-            self.pipeline.receive(flight.results)
-            self.pipeline.flush()  # the next rank may be waiting for a step started since
+            self.transport.receive(flight.results)
+            self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()
         events = []
         if flight.sample:
