@@ -20,7 +20,7 @@ from typing import Optional
 from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
 from distributed.doorbell import RingBroken
-from distributed.group import init_group
+from distributed.world import join_world
 from distributed.follower import follow
 from distributed.limits import RequestError
 from distributed.sampling import SamplingParams
@@ -307,14 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints where each thread of a rank is, for a ring that looks stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = settings_or_exit()
-    group = init_group(settings.backend)
-    setup_logging(settings.log_level, group.rank(), args.log_file)
+    world = join_world(settings.backend)
+    setup_logging(settings.log_level, world.rank(), args.log_file)
     spool = None
-    if args.prompt is None and group.rank() == 0:
+    if args.prompt is None and world.rank() == 0:
         spool = Spool(settings.spool_dir)
         spool.write_heartbeat({"state": "loading", "model": served_name(settings.model_repo)})
     try:
-        cluster = start_cluster(settings, group)
+        cluster = start_cluster(settings, world)
     except ValueError as err:
         log.error("%s", err)
         if spool is not None:

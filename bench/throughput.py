@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 # distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
-from distributed.group import point_mlx_at_mpi  # noqa: E402
+from distributed.world import point_mlx_at_mpi  # noqa: E402
 from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT  # noqa: E402
 from bench_model import DEFAULT_DIR, make_bench_model, parameter_count  # noqa: E402
 from ring import (  # noqa: E402

@@ -23,8 +23,8 @@ def follow(pipeline: Pipeline) -> None:
 def _step(pipeline: Pipeline, header: Header) -> None:
     """Run a step on this stage: rank 0 sends no token ids past itself, so the
     ids are stand-ins of the right shape; the input is the previous rank's output."""
-    rows = len(pipeline.table.groups[header.group].members)
+    rows = len(pipeline.table.batches[header.batch].members)
     ids = mx.zeros((rows, header.length), dtype=mx.int32)
-    work = pipeline.run(header.group, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
+    work = pipeline.run(header.batch, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
     pipeline.transport.bell.wait()  # the previous rank's output, received in the graph
     pipeline.transport.complete(work)

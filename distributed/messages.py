@@ -2,7 +2,7 @@
 
 Rank 0 decides everything and sends each decision to the other ranks as a message;
 every rank applies the messages in the order they arrive, so all ranks' tables stay
-alike (see `distributed.group_table`).
+alike (see `distributed.batch_table`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Op(IntEnum):
 
 SAMPLE, SHARE_HEAD = 1, 2  # STEP flags
 
-_HEADER = struct.Struct("!5i")  # op, group, seq, length, flag
+_HEADER = struct.Struct("!5i")  # op, batch, seq, length, flag
 
 
 @dataclass(frozen=True)
@@ -32,23 +32,23 @@ class Header:
     """The start of every message from rank 0.
 
     STOP: the other ranks are released.
-    START: `group` and `seq` are new ids; the JSON payload is the sequence's work.
+    START: `batch` and `seq` are new ids; the JSON payload is the sequence's work.
     STEP: `length` tokens per row; `flag` holds SAMPLE when the step computes
     logits, and SHARE_HEAD when rank 0 computes half of them.
-    MERGE: `seq` is the group merged into `group`.
-    PREPARE: `group`'s rows are prefilled together next; the JSON payload says how.
-    LEAVE: `seq` leaves `group`; with `flag`, its cache is stored as entry `length`.
+    MERGE: `seq` is the batch merged into `batch`.
+    PREPARE: `batch`'s rows are prefilled together next; the JSON payload says how.
+    LEAVE: `seq` leaves `batch`; with `flag`, its cache is stored as entry `length`.
     EVICT: `seq` is the stored entry to drop.
     """
 
     op: Op
-    group: int = 0
+    batch: int = 0
     seq: int = 0
     length: int = 0
     flag: int = 0
 
     def encode(self, payload: bytes = b"") -> bytes:
-        return _HEADER.pack(self.op, self.group, self.seq, self.length, self.flag) + payload
+        return _HEADER.pack(self.op, self.batch, self.seq, self.length, self.flag) + payload
 
     @classmethod
     def decode(cls, message: bytes) -> tuple["Header", bytes]:

@@ -1,7 +1,7 @@
 """One rank's stage of the ring: the graph a step builds here, and what rank 0 gets back.
 
-A step runs one group (one batch row per sequence, see `distributed.group_table`)
-through this rank's layers; the last rank sends the group's logits back to rank 0,
+A step runs one batch (one row per sequence, see `distributed.batch_table`) through
+this rank's layers; the last rank sends the batch's logits back to rank 0,
 which samples. A step of one sequence shares the head: the last rank first sends the
 head's input, and rank 0 computes half of the logits meanwhile.
 """
@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from distributed.doorbell import Doorbell
-from distributed.group_table import Group, GroupTable
+from distributed.batch_table import Batch, BatchTable
 from distributed.kv_cache import KVSettings
 from distributed.messages import Header, Op
 from distributed.shard import Stage, shared_head
@@ -22,13 +22,13 @@ from distributed.transport import StepWork, Transport
 
 
 class Pipeline:
-    """This rank's part of the ring: its model stage, group table and links."""
+    """This rank's part of the ring: its model stage, batch table and links."""
 
     def __init__(
         self,
         model: nn.Module,
         stage: Stage,
-        group: mx.distributed.Group,
+        world: mx.distributed.Group,
         kv: KVSettings,
         bell: Optional[Doorbell] = None,
     ):
@@ -36,8 +36,8 @@ class Pipeline:
         self.stage = stage
         self.kv = kv
         self.head = shared_head(model)  # rank 0 and the last rank of a ring
-        self.table = GroupTable(model, stage, kv)
-        self.transport = Transport(stage, group, bell)
+        self.table = BatchTable(model, stage, kv)
+        self.transport = Transport(stage, world, bell)
 
     def tell(self, header: Header, payload: bytes = b"") -> None:
         """Rank 0: a change to the table, made on every rank in the same order."""
@@ -48,12 +48,12 @@ class Pipeline:
         """Rank 0: release the other ranks from `distributed.follower.follow`."""
         self.transport.broadcast(Header(Op.STOP))
 
-    def run(self, group: int, ids: mx.array, sample: bool, share: bool = False) -> StepWork:
-        """Build this stage's graph for one step of `group` (ids: rows x tokens).
-        With `sample`, the last stage computes the group's logits: on one rank it
+    def run(self, batch: int, ids: mx.array, sample: bool, share: bool = False) -> StepWork:
+        """Build this stage's graph for one step of `batch` (ids: rows x tokens).
+        With `sample`, the last stage computes the batch's logits: on one rank it
         samples them, on a ring it sends them to rank 0 (only the rows after the
         head's split when `share`, after sending the head's input)."""
-        target = self.table.groups[group]
+        target = self.table.batches[batch]
         if self.head is not None and self.stage.is_last:
             self.head.first = self.head.split if share else 0
         out = self.model(ids, cache=target.cache.view())
@@ -85,20 +85,20 @@ class Pipeline:
             work.send = self.transport.send(ack)
         return work
 
-    def sample(self, target: Group, logits: mx.array) -> mx.array:
-        """Rank 0: the next token of each row of a group, from its logits."""
+    def sample(self, target: Batch, logits: mx.array) -> mx.array:
+        """Rank 0: the next token of each row of a batch, from its logits."""
         return mx.concatenate([s(logits[i : i + 1]) for i, s in enumerate(target.samplers)])
 
     def receive_ack(self, rows: int) -> list[mx.array]:
         """Rank 0 of a ring: the last rank's acknowledgement of a prefill step (lazy)."""
         return [self.transport.receive_array((rows,), mx.int32)]
 
-    def receive_tokens(self, group: int, share: bool) -> list[mx.array]:
+    def receive_tokens(self, batch: int, share: bool) -> list[mx.array]:
         """Rank 0 of a ring: what a sampling step sends back, in order (lazy); the
         last is the tokens, sampled from the logits the last rank sends. With
         `share`, the head's input comes first, and rank 0's half of the logits
         from it comes before the tokens, to compute while the last rank does the rest."""
-        target = self.table.groups[group]
+        target = self.table.batches[batch]
         rows, head = len(target.members), self.head
         start = head.split if share else 0
         results = []

@@ -33,9 +33,9 @@ class StepWork:
 class Transport:
     """This rank's links to its neighbours; on rank 0, also the steps in flight."""
 
-    def __init__(self, stage: Stage, group: mx.distributed.Group, bell: Optional[Doorbell] = None):
+    def __init__(self, stage: Stage, world: mx.distributed.Group, bell: Optional[Doorbell] = None):
         self.stage = stage
-        self.group = group
+        self.world = world
         self.bell = bell  # None on a single rank
         # Rank 0: started steps whose output is not sent yet, each with the number of
         # results expected before it, and the results due back (lists of arrays, each
@@ -103,11 +103,11 @@ class Transport:
 
     def send(self, data: mx.array) -> mx.array:
         """A lazy send to the next rank; `complete` announces and evaluates it."""
-        return mx.distributed.send(data, self.stage.next_rank, group=self.group)
+        return mx.distributed.send(data, self.stage.next_rank, group=self.world)
 
     def receive_array(self, shape: tuple, dtype: mx.Dtype) -> mx.array:
         """A lazy receive from the previous rank; `arrived` waits for it."""
-        return mx.distributed.recv(shape, dtype, self.stage.prev_rank, group=self.group)
+        return mx.distributed.recv(shape, dtype, self.stage.prev_rank, group=self.world)
 
     def broadcast(self, header: Header, payload: bytes = b"") -> None:
         """Rank 0: start a message around the ring; a started step's output goes

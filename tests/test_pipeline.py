@@ -35,14 +35,14 @@ def test_ring_matches_mlx_lm(tiny_models, arch, ranks, backend):
     assert [r["layers"] for r in out["ranks"]][0][0] == 0
 
 
-def test_group_of_one_matches_mlx_lm(tiny_models):
+def test_world_of_one_matches_mlx_lm(tiny_models):
     path = tiny_models["qwen3"]
     out = generate_json(1, "any", {"MODEL_REPO": str(path)}, ["--prompt", PROMPT, "--max-tokens", "16", "--chat"])
     assert out["token_ids"] == reference_tokens(path, PROMPT, 16, chat=True)
 
 
-def test_group_of_one_under_mpirun_exits_cleanly(tiny_models):
-    """MLX initializes MPI for a group of one but leaves finalizing it to us; without that,
+def test_world_of_one_under_mpirun_exits_cleanly(tiny_models):
+    """MLX initializes MPI for a world of one but leaves finalizing it to us; without that,
     mpirun calls the exit abnormal and fails even though the answer was printed."""
     path = tiny_models["llama"]
     command = mpi_command(1, PYTHON, str(REPO / "server.py"), "--prompt", PROMPT, "--max-tokens", "8", "--json")

@@ -1,8 +1,9 @@
-"""Each rank's table of sequence groups, and the caches stored for the prompt cache.
+"""Each rank's table of batches, and the caches stored for the prompt cache.
 
-A group is the sequences that step together, one batch row each. Every rank holds
-the same table: rank 0 changes its own and sends each change around the ring as a
-message (`distributed.messages`), and the other ranks apply them in order.
+A batch is the sequences that step together, one row each in the batch KV cache
+(mlx-lm's batch caches) and in every step's input. Every rank holds the same table:
+rank 0 changes its own and sends each change around the ring as a message
+(`distributed.messages`), and the other ranks apply them in order.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from distributed.shard import Stage
 
 
 @dataclass
-class Group:
-    """Sequences that step together, one batch row each, in `members` order."""
+class Batch:
+    """Sequences that step together, one row each, in `members` order."""
 
     members: list[int]
     cache: StageCache
@@ -29,33 +30,33 @@ class Group:
     padded_prompt: int = 0  # tokens left of a padded prefill (see `prepare`)
 
 
-class GroupTable:
-    """This rank's groups by id, and its stored caches by entry id."""
+class BatchTable:
+    """This rank's batches by id, and its stored caches by entry id."""
 
     def __init__(self, model: nn.Module, stage: Stage, kv: KVSettings):
         self.model = model
         self.stage = stage
         self.kv = kv
-        self.groups: dict[int, Group] = {}
+        self.batches: dict[int, Batch] = {}
         self.stored: dict[int, list] = {}
 
     def apply(self, header: Header, payload: bytes) -> None:
         """A change rank 0 sent (every message but STOP and STEP)."""
         if header.op == Op.START:
-            self.open(header.group, header.seq, json.loads(payload))
+            self.open(header.batch, header.seq, json.loads(payload))
         elif header.op == Op.MERGE:
-            self.merge(header.group, header.seq)
+            self.merge(header.batch, header.seq)
         elif header.op == Op.PREPARE:
-            self.prepare(header.group, json.loads(payload))
+            self.prepare(header.batch, json.loads(payload))
         elif header.op == Op.LEAVE:
-            self.leave(header.group, header.seq, header.length if header.flag else None)
+            self.leave(header.batch, header.seq, header.length if header.flag else None)
         elif header.op == Op.EVICT:
             self.evict(header.seq)
         else:
             raise ValueError(f"not a change to the table: {header}")
 
-    def open(self, group: int, seq: int, work: dict) -> None:
-        """A new sequence, alone in a new group; `work` holds its prompt, sampling
+    def open(self, batch: int, seq: int, work: dict) -> None:
+        """A new sequence, alone in a new batch; `work` holds its prompt, sampling
         parameters, and the stored cache it starts from, if any."""
         local = None
         if work.get("reuse"):
@@ -65,31 +66,31 @@ class GroupTable:
         samplers = []
         if self.stage.is_first:
             samplers = [TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])]
-        self.groups[group] = Group([seq], cache, samplers)
+        self.batches[batch] = Batch([seq], cache, samplers)
 
-    def merge(self, into: int, group: int) -> None:
-        """The rows of `group` join `into`, after its own."""
-        joining = self.groups.pop(group)
-        target = self.groups[into]
+    def merge(self, into: int, batch: int) -> None:
+        """The rows of `batch` join `into`, after its own."""
+        joining = self.batches.pop(batch)
+        target = self.batches[into]
         target.cache.join(joining.cache)
         target.members += joining.members
         target.samplers += joining.samplers
 
-    def prepare(self, group: int, padding: dict) -> None:
-        """`group`'s prompts (`padding["lengths"]` tokens each) go through right-padded
+    def prepare(self, batch: int, padding: dict) -> None:
+        """`batch`'s prompts (`padding["lengths"]` tokens each) go through right-padded
         to one length; the step that ends them moves the padding to the left."""
-        target = self.groups[group]
+        target = self.batches[batch]
         target.cache.prepare(padding["lengths"], padding["right_padding"])
         target.padded_prompt = max(padding["lengths"])
 
-    def leave(self, group: int, seq: int, store: Optional[int] = None) -> None:
+    def leave(self, batch: int, seq: int, store: Optional[int] = None) -> None:
         """`seq` is done; with `store`, its cache is kept as that stored entry."""
-        target = self.groups[group]
+        target = self.batches[batch]
         row = target.members.index(seq)
         if store is not None:
             self.stored[store] = target.cache.row(row)
         if len(target.members) == 1:
-            del self.groups[group]
+            del self.batches[batch]
             return
         rows = [i for i in range(len(target.members)) if i != row]
         target.cache.keep(rows)
