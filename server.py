@@ -14,16 +14,18 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
 from distributed.doorbell import RingBroken
-from distributed.world import join_world
 from distributed.follower import follow
 from distributed.limits import RequestError
 from distributed.sampling import SamplingParams
+from distributed.sequence import TokenResult
+from distributed.world import join_world
 from models import served_name
 from spool import Spool
 from text_stream import TextStream
@@ -75,19 +77,15 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
     tokenizer = cluster.tokenizer
     params = SamplingParams.pick(vars(args))
     tokens: list[int] = []
-    finish_reason = "length"
     prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
         started = time.perf_counter()
-        steps = cluster.scheduler.generate(prompt, params, max_tokens)
-        for token in steps:
-            if not tokens:
-                first_token_at = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                finish_reason = "stop"
-                break
-            tokens.append(token)
-        steps.close()
+        first_token_at = None
+        for drawn in cluster.scheduler.generate(prompt, params, max_tokens):
+            first_token_at = first_token_at or time.perf_counter()
+            if drawn.in_completion:
+                tokens.append(drawn.token)
+            finish_reason = drawn.finish_reason
         finished = time.perf_counter()
     except RequestError as err:
         log.error("request refused: %s", err)
@@ -126,7 +124,6 @@ class Reply:
 
     request_id: str
     prompt_tokens: int
-    max_tokens: int
     stream: TextStream
     cached_tokens: int
     started: float
@@ -178,7 +175,7 @@ class Serving:
         requeued = self.spool.requeue_claimed()
         if requeued:
             log.info("requeued %d requests left unfinished by the last run", len(requeued))
-        events: list[tuple[int, int]] = []
+        events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
             self.admit()
@@ -222,44 +219,43 @@ class Serving:
             # The API starts its response now, so the first token travels alone.
             self.spool.append(request_id, {"type": "started"})
             cached = self.scheduler.sequences[seq].cached
-            stream = TextStream(self.cluster.tokenizer, request.get("stop") or [])
-            self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached,
-                                      claim.started, claim.claimed_at)
+            stream = TextStream(self.cluster.tokenizer, request.get("stop") or [], partial(self.scheduler.finish, seq))
+            self.replies[seq] = Reply(request_id, len(prompt), stream, cached, claim.started, claim.claimed_at)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info(
                 "request %s: %d prompt tokens (%d cached), %d active",
                 request_id, len(prompt), cached, len(self.replies),
             )
 
-    def write_out(self, events: list[tuple[int, int]]) -> None:
+    def write_out(self, events: list[TokenResult]) -> None:
         """Tokens into their requests' streams; then cancelled requests end."""
-        for seq, token in events:
-            self.on_token(seq, token)
+        for result in events:
+            self.on_token(result)
         self.check_cancelled()
 
-    def on_token(self, seq: int, token: int) -> None:
-        reply = self.replies[seq]
+    def on_token(self, result: TokenResult) -> None:
+        """Write a token's text, and the end the scheduler or a stop string gives."""
+        reply = self.replies[result.seq]
         reply.first_token = reply.first_token or time.perf_counter()
-        if token in self.cluster.tokenizer.eos_token_ids:
-            self.end(seq, "stop")
-            return
-        reply.completion += 1
-        text, hit = reply.stream.add(token)
-        if text or hit:
-            self.spool.append(reply.request_id, {"type": "delta", "text": text, "token_ids": [token]})
-        if hit:
-            self.end(seq, "stop", stop_text_hit=True)
-        elif reply.completion >= reply.max_tokens:
-            self.end(seq, "length")
+        if result.in_completion:
+            reply.completion += 1
+            text, hit = reply.stream.add(result.token)
+            if text or hit:
+                self.spool.append(reply.request_id, {"type": "delta", "text": text, "token_ids": [result.token]})
+            if hit:
+                self.end(result.seq, "stop", stop_text_hit=True)
+                return
+        if result.finish_reason is not None:
+            self.end(result.seq, result.finish_reason)
 
     def check_cancelled(self) -> None:
         for seq, reply in list(self.replies.items()):
             if self.spool.is_cancelled(reply.request_id):
+                self.scheduler.finish(seq)
                 self.end(seq, "cancelled")
 
     def end(self, seq: int, finish_reason: str, stop_text_hit: bool = False) -> None:
-        """Write a request's final record; its sequence leaves the ring."""
-        self.scheduler.finish(seq)
+        """Write a request's final record (its sequence is finished on the ring already)."""
         reply = self.replies.pop(seq)
         if not stop_text_hit:
             # Held-back text (a partial character, a possible stop string's start) is reply.

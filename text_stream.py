@@ -1,6 +1,12 @@
-"""Token ids to text deltas, with stop strings matched on the text and never emitted."""
+"""Token ids to text deltas, with stop strings matched on the text and never emitted.
+
+A stop string is the one end of a sequence decided on text rather than on tokens, so
+it is decided here, where the text is made, and the scheduler is told (`on_stop`).
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 
 class StopText:
@@ -35,17 +41,23 @@ class StopText:
 
 
 class TextStream:
-    """Feeds tokens through mlx-lm's streaming detokenizer and the stop strings."""
+    """Feeds a sequence's tokens through mlx-lm's streaming detokenizer and the stop
+    strings; `on_stop` finishes the sequence when one is reached."""
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], on_stop: Callable[[], None]):
         self.detokenizer = tokenizer.detokenizer
         self.detokenizer.reset()
         self.stop = StopText(stops)
+        self.on_stop = on_stop
 
     def add(self, token: int) -> tuple[str, bool]:
-        """The text this token completes, and whether a stop string was reached."""
+        """The text this token completes, and whether a stop string was reached,
+        which finishes the sequence."""
         self.detokenizer.add_token(token)
-        return self.stop.feed(self.detokenizer.last_segment)
+        text, hit = self.stop.feed(self.detokenizer.last_segment)
+        if hit:
+            self.on_stop()
+        return text, hit
 
     def finish(self) -> str:
         """Whatever text is still held: the detokenizer's tail and partial stop matches."""

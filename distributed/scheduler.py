@@ -32,28 +32,10 @@ from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
 from distributed.sampling import SamplingParams
+from distributed.sequence import Sequence, TokenResult
 from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sequence:
-    """One sequence as rank 0 tracks it."""
-
-    batch: int
-    tokens: list[int]  # the prompt, then every token generated
-    prompt_tokens: int
-    max_tokens: int
-    reserved: int  # KV tokens held for it
-    cached: int  # prompt tokens taken from the prompt cache
-    fed: int  # tokens the model has been given
-    finished: bool = False
-    left: bool = False
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_tokens
 
 
 @dataclass
@@ -133,7 +115,7 @@ class Scheduler:
         }
         self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())
         cached = reuse.tokens if reuse else 0
-        self.sequences[seq] = Sequence(batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
+        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
         self.micro_batches[batch] = MicroBatch(batch, [seq])
         self._requeue(self.micro_batches[batch])
         self.reserved += reserved
@@ -149,9 +131,9 @@ class Scheduler:
         if sequence.left:
             del self.sequences[seq]
 
-    def step(self) -> list[tuple[int, int]]:
+    def step(self) -> list[TokenResult]:
         """Launch what may go, then wait for the oldest step in flight; returns
-        the (sequence, token) pairs it produced."""
+        the tokens it produced."""
         self.launch()
         return self.collect()
 
@@ -161,20 +143,19 @@ class Scheduler:
         while len(self.flights) < self.max_in_flight and (micro := self._next_to_launch()) is not None:
             self._launch(micro)
 
-    def collect(self) -> list[tuple[int, int]]:
-        """Wait for the oldest step in flight; returns the (sequence, token) pairs it
-        produced. A sequence that drew an end-of-sequence token is finished here,
-        so the next launch leaves it out."""
+    def collect(self) -> list[TokenResult]:
+        """Wait for the oldest step in flight; returns the tokens it produced. A
+        sequence whose token ends it (`Sequence.draw`) is finished here, so the next
+        launch leaves it out."""
         return self._collect() if self.flights else []
 
-    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
-        """One sequence's tokens; the caller stops early by closing the generator."""
+    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[TokenResult]:
+        """One sequence's tokens, the last with its finish reason; the caller stops
+        early by closing the generator."""
         seq = self.submit(prompt, params, max_tokens)
         try:
             while seq in self.sequences and not self.sequences[seq].finished:
-                for produced, token in self.step():
-                    if produced == seq:
-                        yield token
+                yield from (result for result in self.step() if result.seq == seq)
         finally:
             self.finish(seq)
 
@@ -306,10 +287,7 @@ class Scheduler:
         token it computes, or that ended, leave; waiting ones join; then the
         next step is built on the pending tokens."""
         rows = list(micro.members)
-        done = [
-            s for s in rows
-            if self.sequences[s].finished or self.sequences[s].generated + 1 >= self.sequences[s].max_tokens
-        ]
+        done = [s for s in rows if self.sequences[s].finished or self.sequences[s].reaches_length(ahead=1)]
         for seq in done:
             self._leave(micro, seq)
         if not micro.members:
@@ -380,26 +358,25 @@ class Scheduler:
 
     # Collecting results.
 
-    def _collect(self) -> list[tuple[int, int]]:
+    def _collect(self) -> list[TokenResult]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
             self.transport.receive(flight.results)
             self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()
-        events = []
+        results = []
         if flight.sample:
             for seq, token in zip(flight.members, values):
                 sequence = self.sequences.get(seq)
                 if sequence is None or sequence.finished:
                     continue  # a row that rode along after its sequence ended
-                sequence.tokens.append(token)
-                events.append((seq, token))
-                if sequence.generated >= sequence.max_tokens or token in self.eos_token_ids:
+                results.append(sequence.draw(token, self.eos_token_ids))
+                if results[-1].finish_reason is not None:
                     self.finish(seq)
         micro = self.micro_batches.get(flight.batch)
         if micro is not None:
             self._requeue(micro)
-        return events
+        return results
 
     def _prefilled(self, micro: MicroBatch) -> bool:
         return all(self._remaining_prompt(s) <= 0 for s in micro.members)

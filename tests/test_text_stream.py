@@ -30,7 +30,8 @@ def test_text_stream_with_real_tokenizer(tiny_models):
 
     tokenizer = load_tokenizer(tiny_models["llama"])
     ids = tokenizer.encode("Rain fell on 12 roofs. Then the sun came out.")
-    stream = TextStream(tokenizer, ["sun"])
+    ended_at = []  # the tokens at which the stream finished the sequence
+    stream = TextStream(tokenizer, ["sun"], lambda: ended_at.append(token))
     out = ""
     for token in ids:
         text, hit = stream.add(token)
@@ -38,3 +39,4 @@ def test_text_stream_with_real_tokenizer(tiny_models):
         if hit:
             break
     assert out == "Rain fell on 12 roofs. Then the "
+    assert hit and ended_at == [token]
