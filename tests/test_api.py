@@ -34,7 +34,7 @@ from mlx_lm.sample_utils import make_sampler
 from api import SHUTDOWN_GRACE, create_app
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
-from tiny_models import make_tiny_model
+from models.tiny import make_tiny_model
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
