@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from mlx_lm.utils import load_tokenizer
+from mlx_lm.utils import load_config, load_tokenizer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings, load_settings
@@ -33,12 +33,19 @@ INOTIFY_RECHECK = 1.0
 _STREAMED = {200: {"content": {"text/event-stream": {}}}}
 
 
+def _vocab_size(model_path: Path, tokenizer: Any) -> int:
+    """The width of the model's logits, which sampling fields are checked against."""
+    config = load_config(model_path)
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer.vocab)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the tokenizer and open the spool."""
     settings: Settings = app.state.settings
     model_path = resolve_model(settings.model_repo, settings.model_cache_dir)
     app.state.tokenizer = load_tokenizer(Path(model_path))
+    app.state.vocab_size = _vocab_size(Path(model_path), app.state.tokenizer)
     app.state.model_id = served_name(settings.model_repo)
     app.state.spool = Spool(settings.spool_dir)
     app.state.waker = StreamWaker(app.state.spool, recheck=INOTIFY_RECHECK)

@@ -69,6 +69,10 @@ async def generate(request: Request, body: GenerationRequest, prompt: list[int])
     if not prompt:
         raise APIError(400, "the prompt is empty", param=param)
     budget = max_tokens(body, len(prompt), settings, param)
+    if body.top_k is not None and body.top_k >= state.vocab_size:
+        # mlx-lm's sampler raises on it inside rank 0's step, where it would end the ring.
+        raise APIError(400, f"top_k must be below the model's vocabulary size ({state.vocab_size}); "
+                       "0 turns it off", param="top_k", code="invalid_value")
     problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")

@@ -36,7 +36,7 @@ from openai_api import create_app
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
-from models.tiny import make_tiny_model
+from models.tiny import VOCAB_SIZE, make_tiny_model
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -576,6 +576,22 @@ def _finished_cancelled(api: ApiServer, request_id: str) -> Final:
     assert isinstance(final, Final) and final.finish_reason == "cancelled", final
     assert final.usage.completion_tokens < LONG_TOKENS
     return final
+
+
+def test_top_k_is_checked_against_the_vocabulary(ring: ApiServer, tiny_model: Path) -> None:
+    """A top_k mlx-lm's sampler would raise on inside rank 0's step is refused before it is
+    queued; the largest it accepts runs, and the ring stays up."""
+    client, model = ring.client(), str(tiny_model)
+    messages = [{"role": "user", "content": "hi"}]
+    for top_k in (VOCAB_SIZE, 10**6):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=2, extra_body={"top_k": top_k})
+        assert err.value.body["param"] == "top_k" and str(VOCAB_SIZE) in err.value.body["message"]
+    for top_k in (0, 1, VOCAB_SIZE - 1):
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=2, seed=1,
+                                               extra_body={"top_k": top_k})
+        assert reply.usage.completion_tokens >= 1
+    assert httpx.get(f"{ring.url}/health").status_code == 200
 
 
 def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
