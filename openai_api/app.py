@@ -16,13 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from config import Settings, load_settings
 from models import resolve_model, served_name
 from openai_api.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from openai_api.events import StreamWaker
+from openai_api.events import StreamWaker, heartbeat_problem
 from openai_api.metrics import Metrics
 from openai_api.middleware import FrontDoor
 from openai_api.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard, ModelList,
 )
-from openai_api.submit import chat_tokens, generate, heartbeat_problem
+from openai_api.submit import chat_tokens, generate
 from spool import Spool
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -18,6 +19,24 @@ log = logging.getLogger(__name__)
 
 EVENT_POLL = 0.001  # s between looks at a stream file without inotify: it adds to every token's latency
 DISCONNECT_CHECK = 0.1  # s between checks that a waiting client is still there
+HEARTBEAT_CHECK = 1.0  # s between looks at rank 0's heartbeat while a request waits
+KEEPALIVE_EVERY = 5.0  # s without events before a waiting request is told the connection lives
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing new for KEEPALIVE_EVERY s (a long queue, a ring restarting): a stream sends
+    an SSE comment, so clients and proxies see the connection is alive."""
+
+
+def heartbeat_problem(beat: dict | None, max_age: float) -> str | None:
+    """Why rank 0's heartbeat says the ring is not there, or None."""
+    if beat is None or not isinstance(beat.get("time"), (int, float)):
+        return "no heartbeat from rank 0"
+    age = time.time() - beat["time"]
+    if age > max_age:
+        return f"last heartbeat from rank 0 was {age:.1f} s ago"
+    return None
 
 
 class StreamWaker:
@@ -64,33 +83,41 @@ class EventFeed:
     disconnect as the feed waits; a streaming response clears it, since Starlette then
     watches for the disconnect itself."""
 
-    def __init__(self, spool: Spool, waker: StreamWaker, request_id: str, timeout: float,
-                 metrics: Metrics, client: Request | None) -> None:
+    def __init__(self, spool: Spool, waker: StreamWaker, request_id: str, metrics: Metrics,
+                 client: Request | None, timeout: float, ring_down_after: float) -> None:
         self.spool, self.waker, self.request_id, self.metrics = spool, waker, request_id, metrics
         self.client = client
         waker.register(request_id)
         self.queued_at = time.monotonic()
         self._deadline = self.queued_at + timeout
+        self._ring_down_after = ring_down_after
         self._offset = 0
         self._last_text: float | None = None
         self.finished = False
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Each event in turn, up to the request's final or error event. Ends early when
-        the client disconnects; APIError 504 past REQUEST_TIMEOUT."""
+    async def events(self) -> AsyncIterator[Event | KeepAlive]:
+        """Each event in turn, up to the request's final or error event, and a KeepAlive
+        after every KEEPALIVE_EVERY s without one. Ends early when the client disconnects;
+        APIError 503 once rank 0's heartbeat is older than RING_DOWN_AFTER (the request is
+        cancelled, so a ring that comes back does not run it for nobody), 504 past
+        REQUEST_TIMEOUT."""
         while not self.finished:
             batch = await self._next_batch()
             if batch is None:
                 return
             for event in batch:
-                self._observe(event)
+                if not isinstance(event, KeepAlive):
+                    self._observe(event)
                 yield event
                 if self.finished:
                     return
 
-    async def _next_batch(self) -> list[Event] | None:
-        """The events written since the last look, once there are some; None if the client left."""
-        next_check = time.monotonic() + DISCONNECT_CHECK
+    async def _next_batch(self) -> list[Event | KeepAlive] | None:
+        """The events written since the last look, once there are some, or a KeepAlive;
+        None if the client left."""
+        start = time.monotonic()
+        next_check, next_beat = start + DISCONNECT_CHECK, start + HEARTBEAT_CHECK
+        keepalive_at = start + KEEPALIVE_EVERY
         while True:
             events, self._offset = self.spool.read_events(self.request_id, self._offset)
             if events:
@@ -99,7 +126,16 @@ class EventFeed:
             if now >= self._deadline:
                 log.warning("request %s timed out after %.0f s", self.request_id, now - self.queued_at)
                 raise APIError(504, "no result from the ring within REQUEST_TIMEOUT", code="timeout")
-            wake_at = self._deadline
+            if now >= next_beat:
+                problem = heartbeat_problem(self.spool.read_heartbeat(), self._ring_down_after)
+                if problem is not None:
+                    log.warning("request %s given up: the ring is down (%s)", self.request_id, problem)
+                    raise APIError(503, f"the ring is down ({problem}) past RING_DOWN_AFTER",
+                                   code="ring_unavailable")
+                next_beat = now + HEARTBEAT_CHECK
+            if now >= keepalive_at:
+                return [KeepAlive()]
+            wake_at = min(self._deadline, next_beat, keepalive_at)
             if self.client is not None:
                 if now >= next_check:
                     if await self.client.is_disconnected():

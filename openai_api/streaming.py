@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from pydantic import BaseModel
 
 from openai_api.errors import APIError
-from openai_api.events import EventFeed
+from openai_api.events import EventFeed, KeepAlive
 from openai_api.replies import Reply
 from spool.protocol import Delta, Event, Failed, Final, Requeued, Usage
 
@@ -46,7 +46,7 @@ async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
         feed.close("client gone or timed out")
 
 
-async def first_event(feed: EventFeed, events: AsyncIterator[Event]) -> Event:
+async def first_event(feed: EventFeed, events: AsyncIterator[Event | KeepAlive]) -> Event:
     """Wait until rank 0 starts the request (or ends it) before answering a streaming
     request, so that a refusal or a timeout in the queue still gets its proper HTTP
     status, while the headers and the opening chunk go out during the prefill."""
@@ -54,7 +54,7 @@ async def first_event(feed: EventFeed, events: AsyncIterator[Event]) -> Event:
         async for event in events:
             if isinstance(event, Failed):
                 raise APIError.of(event)
-            if not isinstance(event, Requeued):
+            if not isinstance(event, (Requeued, KeepAlive)):
                 return event
         raise _client_gone()
     except BaseException:
@@ -85,7 +85,7 @@ def sse(obj: BaseModel) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-async def stream(feed: EventFeed, events: AsyncIterator[Event], first: Event, reply: Reply,
+async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], first: Event, reply: Reply,
                  include_usage: bool) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, from its first event on (usually
     `started`, when the opening chunk goes out). Events ready together go out in one
@@ -98,9 +98,11 @@ async def stream(feed: EventFeed, events: AsyncIterator[Event], first: Event, re
         opening = reply.opening()
         if opening is not None:
             ready.append(sse(opening))
-        event: Event | None = first
+        event: Event | KeepAlive | None = first
         while event is not None:
-            if isinstance(event, Delta) and (text := fresh.take(event.text)):
+            if isinstance(event, KeepAlive):
+                ready.append(": keep-alive\n\n")
+            elif isinstance(event, Delta) and (text := fresh.take(event.text)):
                 ready.append(sse(reply.delta(text)))
             elif isinstance(event, Requeued):
                 fresh.restart()

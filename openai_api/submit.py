@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from config import Settings
 from openai_api.errors import APIError
-from openai_api.events import EventFeed
+from openai_api.events import EventFeed, heartbeat_problem
 from openai_api.replies import ChatReply, CompletionReply
 from openai_api.schemas import ChatCompletionRequest, GenerationRequest
 from openai_api.streaming import collect, first_event, stream
@@ -50,16 +50,6 @@ def max_tokens(body: GenerationRequest, prompt_tokens: int, settings: Settings, 
     return budget
 
 
-def heartbeat_problem(beat: dict | None, max_age: float) -> str | None:
-    """Why the heartbeat says the ring is not there, or None."""
-    if beat is None or not isinstance(beat.get("time"), (int, float)):
-        return "no heartbeat from rank 0"
-    age = time.time() - beat["time"]
-    if age > max_age:
-        return f"last heartbeat from rank 0 was {age:.1f} s ago"
-    return None
-
-
 async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:
     """Queue a checked request and answer it, streaming or not."""
     state = request.app.state
@@ -82,7 +72,8 @@ async def generate(request: Request, body: GenerationRequest, prompt: list[int])
     request_id = await asyncio.to_thread(state.spool.submit, work)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
              len(prompt), budget, bool(body.stream))
-    feed = EventFeed(state.spool, state.waker, request_id, settings.request_timeout, state.metrics, request)
+    feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
+                     settings.ring_down_after)
     reply = (ChatReply if chat else CompletionReply)(request_id, work.created, state.model_id)
     if not body.stream:
         return await collect(feed, reply)

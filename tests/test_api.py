@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from api import SHUTDOWN_GRACE
 from openai_api import create_app
+from openai_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
@@ -485,6 +487,38 @@ def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path:
             os.kill(follower, signal.SIGCONT)
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in rest) == reference.text
     assert rest[-1]["choices"][0]["finish_reason"] == reference.finish_reason
+
+
+def test_waiting_on_a_stalled_ring_is_bounded(tiny_model: Path, tmp_path: Path) -> None:
+    """Rank 1 stopped mid-request stalls the ring and rank 0's heartbeat: an open stream gets
+    keep-alive comments, then, once the heartbeat is older than RING_DOWN_AFTER, an error
+    event in OpenAI's envelope; a non-streaming request gets a 503. Both are cancelled."""
+    ring_down_after = KEEPALIVE_EVERY + 3
+    rank = RankProcess(tiny_model, tmp_path / "spool", ranks=2)
+    settings = _ring_settings(tiny_model, tmp_path / "spool", ring_down_after=ring_down_after)
+    body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0}
+    with ApiServer(settings) as api:
+        rank.start()
+        follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
+        os.kill(follower, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with httpx.stream("POST", f"{api.url}/v1/chat/completions", headers=AUTH, json=body | {"stream": True},
+                              timeout=60) as response:
+                assert response.status_code == 200  # rank 0 admitted it, then stalled
+                waiting = ThreadPoolExecutor(1).submit(api.post, "/v1/chat/completions", body, timeout=60)
+                lines = [line for line in response.iter_lines() if line]
+            took = time.monotonic() - started
+            assert ": keep-alive" in lines, lines
+            error = json.loads(lines[-1].removeprefix("data: "))["error"]
+            assert error["code"] == "ring_unavailable" and "RING_DOWN_AFTER" in error["message"], error
+            assert took < ring_down_after + 2 * HEARTBEAT_CHECK + 1, took
+            refused = waiting.result()
+            assert refused.status_code == 503 and _error(refused)["code"] == "ring_unavailable"
+            assert len(_files(api, "cancel")) == 2
+        finally:
+            os.kill(follower, signal.SIGCONT)
+            rank.stop(kill=True)
 
 
 def test_an_idle_rank_0_reports_a_dead_follower_itself(tiny_model: Path, tmp_path: Path) -> None:
