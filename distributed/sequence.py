@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-FinishReason = Literal["stop", "length"]
-
 
 @dataclass(frozen=True)
 class TokenResult:
@@ -20,7 +18,7 @@ class TokenResult:
 
     seq: int
     token: int
-    finish_reason: Optional[FinishReason] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
 
     @property
     def in_completion(self) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from conftest import (
     PROMPT, PYTHON, REPO, generate_json, mpi_command, rank_env, reference_tokens, run_launch, run_ranks,
 )
-from tiny_models import ARCHITECTURES
+from models.tiny import ARCHITECTURES
 
 from distributed.shard import SharedHead, Stage, stage_weight_files
 
@@ -179,7 +179,7 @@ def test_bad_settings_fail_naming_the_variable(tiny_models, settings, ranks, nam
 
 
 def test_more_ranks_than_layers_is_a_clear_error(tmp_path):
-    from tiny_models import make_tiny_model
+    from models.tiny import make_tiny_model
 
     path = make_tiny_model("qwen2", tmp_path / "two-layers", num_layers=2)
     proc = run_ranks(3, "mpi", {"MODEL_REPO": str(path)}, ["--prompt", "hi"], timeout=120)

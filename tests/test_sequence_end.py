@@ -13,9 +13,11 @@ from conftest import PROMPT, reference_tokens
 
 from config import Settings, load_settings
 from distributed.cluster import Cluster, start_cluster
-from distributed.sampling import SamplingParams
 from server import Serving
 from spool import Spool
+from spool.protocol import Delta, SamplingParams, SpoolRequest
+
+GREEDY = SamplingParams(temperature=0.0)
 
 
 def _cluster(path: Path, **overrides) -> tuple[Cluster, Settings]:
@@ -52,8 +54,8 @@ def test_results_carry_the_end_of_sequence_and_length_reasons(tiny_models):
     scheduler = cluster.scheduler
     scheduler.eos_token_ids = frozenset({expected[eos]})
     prompt = cluster.tokenizer.encode(PROMPT)
-    to_eos = scheduler.submit(prompt, SamplingParams(), 8)
-    to_length = scheduler.submit(prompt, SamplingParams(), eos - 1)
+    to_eos = scheduler.submit(prompt, GREEDY, 8)
+    to_length = scheduler.submit(prompt, GREEDY, eos - 1)
     drawn = {to_eos: [], to_length: []}
     while scheduler.busy:
         for result in scheduler.step():
@@ -86,11 +88,13 @@ def test_serving_writes_the_end_it_is_told(tiny_models, tmp_path):
     cluster.scheduler.eos_token_ids = frozenset({expected[eos]})
     spool = Spool(settings.spool_dir)
     prompt = cluster.tokenizer.encode(PROMPT)
-    ids = {
-        "stop string": spool.submit({"prompt_tokens": prompt, "max_tokens": 16, "stop": [stop]}),
-        "length": spool.submit({"prompt_tokens": prompt, "max_tokens": 3}),
-        "eos": spool.submit({"prompt_tokens": prompt, "max_tokens": 16}),
-    }
+
+    def submit(max_tokens: int, stop: list[str]) -> str:
+        request = SpoolRequest(kind="completion", model=str(path), prompt_tokens=prompt, max_tokens=max_tokens,
+                               sampling=GREEDY, stop=stop, created=0)
+        return spool.submit(request)
+
+    ids = {"stop string": submit(16, [stop]), "length": submit(3, []), "eos": submit(16, [])}
     serving = Serving(cluster, settings, spool)
     serving.admit()
     stopped_seq = next(seq for seq, reply in serving.replies.items() if reply.request_id == ids["stop string"])
@@ -104,8 +108,8 @@ def test_serving_writes_the_end_it_is_told(tiny_models, tmp_path):
     finals = {}
     for name, request_id in ids.items():
         events, _ = spool.read_events(request_id)
-        text = "".join(e["text"] for e in events if e["type"] == "delta")
-        finals[name] = (text, events[-1]["finish_reason"], events[-1]["usage"]["completion_tokens"])
+        text = "".join(e.text for e in events if isinstance(e, Delta))
+        finals[name] = (text, events[-1].finish_reason, events[-1].usage.completion_tokens)
     assert finals == {
         "stop string": (before, "stop", 6),
         "length": (_text(path, expected[:3])[1], "length", 3),
