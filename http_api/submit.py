@@ -13,11 +13,11 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from config import Settings
-from openai_api.errors import APIError
-from openai_api.events import EventFeed, heartbeat_problem
-from openai_api.replies import ChatReply, CompletionReply
-from openai_api.schemas import ChatCompletionRequest, GenerationRequest
-from openai_api.streaming import collect, first_event, stream
+from http_api.errors import APIError
+from http_api.events import EventFeed, heartbeat_problem
+from http_api.replies import ChatReply, CompletionReply
+from http_api.schemas import ChatCompletionRequest, GenerationRequest
+from http_api.streaming import collect, first_event, stream
 from spool.protocol import SpoolRequest
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,17 @@ def max_tokens(body: GenerationRequest, prompt_tokens: int, settings: Settings, 
     return budget
 
 
+def check_vocabulary(body: GenerationRequest, vocab_size: int) -> None:
+    """Token-valued fields against the model's vocabulary: mlx-lm raises on them inside rank
+    0's step, where they would end the ring."""
+    if body.top_k is not None and body.top_k >= vocab_size:
+        raise APIError(400, f"top_k must be below the model's vocabulary size ({vocab_size}); 0 turns it off",
+                       param="top_k", code="invalid_value")
+    if body.logit_bias and not all(0 <= token < vocab_size for token in body.logit_bias):
+        raise APIError(400, f"logit_bias keys must be token ids below the vocabulary size ({vocab_size})",
+                       param="logit_bias", code="invalid_value")
+
+
 async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:
     """Queue a checked request and answer it, streaming or not."""
     state = request.app.state
@@ -59,22 +70,20 @@ async def generate(request: Request, body: GenerationRequest, prompt: list[int])
     if not prompt:
         raise APIError(400, "the prompt is empty", param=param)
     budget = max_tokens(body, len(prompt), settings, param)
-    if body.top_k is not None and body.top_k >= state.vocab_size:
-        # mlx-lm's sampler raises on it inside rank 0's step, where it would end the ring.
-        raise APIError(400, f"top_k must be below the model's vocabulary size ({state.vocab_size}); "
-                       "0 turns it off", param="top_k", code="invalid_value")
+    check_vocabulary(body, state.model.vocab_size)
     problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
-    work = SpoolRequest(kind="chat" if chat else "completion", model=state.model_id, prompt_tokens=prompt,
-                        max_tokens=budget, sampling=body.sampling(), stop=body.stop, created=int(time.time()))
+    work = SpoolRequest(kind="chat" if chat else "completion", model=state.model.id, prompt_tokens=prompt,
+                        max_tokens=budget, sampling=body.sampling(state.model.defaults), stop=body.stop,
+                        created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, work)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
              len(prompt), budget, bool(body.stream))
     feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
                      settings.ring_down_after)
-    reply = (ChatReply if chat else CompletionReply)(request_id, work.created, state.model_id)
+    reply = (ChatReply if chat else CompletionReply)(request_id, work.created, body.model)
     if not body.stream:
         return await collect(feed, reply)
     events = feed.events()

@@ -9,9 +9,9 @@ from typing import AsyncIterator
 
 from pydantic import BaseModel
 
-from openai_api.errors import APIError
-from openai_api.events import EventFeed, KeepAlive
-from openai_api.replies import Reply
+from http_api.errors import APIError
+from http_api.events import EventFeed, KeepAlive
+from http_api.replies import Reply
 from spool.protocol import Delta, Event, Failed, Final, Requeued, Usage
 
 log = logging.getLogger(__name__)

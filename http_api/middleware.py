@@ -6,8 +6,8 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from openai_api.errors import APIError, error_json
-from openai_api.metrics import Metrics
+from http_api.errors import APIError, error_json
+from http_api.metrics import Metrics
 
 _KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 
