@@ -13,11 +13,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings, load_settings
-from http_api.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from http_api.anthropic import routes as anthropic_routes
+from http_api.errors import ERROR_RESPONSES, install_error_handlers
 from http_api.events import StreamWaker, heartbeat_problem
 from http_api.metrics import Metrics
 from http_api.middleware import FrontDoor
-from http_api.served_model import ServedModel, load_served_model
+from http_api.served_model import load_served_model
 from http_api.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard, ModelList,
 )
@@ -45,14 +46,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.waker.close()
 
 
-def _check_model(request: Request, name: str) -> None:
-    served: ServedModel = request.app.state.model
-    if name not in served.names:
-        names = ", ".join(f"'{n}'" for n in served.names)
-        raise APIError(404, f"The model '{name}' does not exist; this server serves {names}",
-                       param="model", code="model_not_found")
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The HTTP front for `settings` (default: read from the environment)."""
     settings = settings or load_settings()
@@ -67,15 +60,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
     install_error_handlers(app)
+    app.include_router(anthropic_routes.router)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        _check_model(request, body.model)
-        return await generate(request, body, chat_tokens(request.app.state.model.tokenizer, body))
+        request.app.state.model.check_name(body.model)
+        return await generate(request, body, chat_tokens(request.app.state.model.tokenizer, body.chat()))
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        _check_model(request, body.model)
+        request.app.state.model.check_name(body.model)
         return await generate(request, body, request.app.state.model.tokenizer.encode(body.prompt))
 
     @app.get("/v1/models", response_model=ModelList)

@@ -12,6 +12,7 @@ from typing import Any
 from mlx_lm.utils import load_config, load_tokenizer
 
 from config import Settings
+from http_api.errors import APIError
 from models import resolve_model, served_name
 from spool.protocol import SamplingParams
 
@@ -28,6 +29,13 @@ class ServedModel:
     @property
     def id(self) -> str:
         return self.names[0]
+
+    def check_name(self, name: str) -> None:
+        """404 unless requests may call the model `name`."""
+        if name not in self.names:
+            names = ", ".join(f"'{n}'" for n in self.names)
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {names}",
+                           param="model", code="model_not_found")
 
 
 def generation_config(model_path: Path) -> dict:

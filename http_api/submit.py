@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import jinja2
 from fastapi import Request
@@ -17,27 +18,26 @@ from http_api.errors import APIError
 from http_api.events import EventFeed, heartbeat_problem
 from http_api.replies import ChatReply, CompletionReply
 from http_api.schemas import ChatCompletionRequest, GenerationRequest
-from http_api.streaming import collect, first_event, stream
-from spool.protocol import SpoolRequest
+from http_api.streaming import Reply, collect, first_event, stream
+from spool.protocol import SamplingParams, SpoolRequest
 
 log = logging.getLogger(__name__)
 
 
-def chat_tokens(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+def chat_tokens(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The conversation through the model's chat template, ready for the assistant's turn."""
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     except jinja2.TemplateError as err:
         raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
 
 
-def max_tokens(body: GenerationRequest, prompt_tokens: int, settings: Settings, param: str) -> int:
+def max_tokens(requested: int | None, prompt_tokens: int, settings: Settings, param: str) -> int:
     """Completion budget: as requested (refused if it cannot fit), else the default cut to
     what fits the context."""
     limit = settings.max_sequence_length
-    requested = body.requested_max_tokens()
     budget = requested if requested is not None else min(settings.default_max_tokens, limit - prompt_tokens)
     if budget < 1 or prompt_tokens + budget > limit:
         wanted = max(budget, 1)
@@ -50,46 +50,72 @@ def max_tokens(body: GenerationRequest, prompt_tokens: int, settings: Settings, 
     return budget
 
 
-def check_vocabulary(body: GenerationRequest, vocab_size: int) -> None:
+def check_vocabulary(sampling: SamplingParams, vocab_size: int) -> None:
     """Token-valued fields against the model's vocabulary: mlx-lm raises on them inside rank
     0's step, where they would end the ring."""
-    if body.top_k is not None and body.top_k >= vocab_size:
+    if sampling.top_k >= vocab_size:
         raise APIError(400, f"top_k must be below the model's vocabulary size ({vocab_size}); 0 turns it off",
                        param="top_k", code="invalid_value")
-    if body.logit_bias and not all(0 <= token < vocab_size for token in body.logit_bias):
+    if sampling.logit_bias and not all(0 <= token < vocab_size for token in sampling.logit_bias):
         raise APIError(400, f"logit_bias keys must be token ids below the vocabulary size ({vocab_size})",
                        param="logit_bias", code="invalid_value")
 
 
-async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:
-    """Queue a checked request and answer it, streaming or not."""
+@dataclass(frozen=True)
+class Work:
+    """A request reduced to what the ring needs, whichever API it came in by."""
+
+    kind: Literal["chat", "completion"]
+    prompt: list[int]
+    requested_max_tokens: int | None
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    param: str  # the request field that holds the prompt, named in errors
+
+
+ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
+
+
+async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
+    """Queue checked work and answer it, streaming or not."""
     state = request.app.state
     settings: Settings = state.settings
-    chat = isinstance(body, ChatCompletionRequest)
-    param = "messages" if chat else "prompt"
-    if not prompt:
-        raise APIError(400, "the prompt is empty", param=param)
-    budget = max_tokens(body, len(prompt), settings, param)
-    check_vocabulary(body, state.model.vocab_size)
+    if not work.prompt:
+        raise APIError(400, "the prompt is empty", param=work.param)
+    budget = max_tokens(work.requested_max_tokens, len(work.prompt), settings, work.param)
+    check_vocabulary(work.sampling, state.model.vocab_size)
     problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
-    work = SpoolRequest(kind="chat" if chat else "completion", model=state.model.id, prompt_tokens=prompt,
-                        max_tokens=budget, sampling=body.sampling(state.model.defaults), stop=body.stop,
-                        created=int(time.time()))
+    queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
+                          sampling=work.sampling, stop=work.stop, created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
-    request_id = await asyncio.to_thread(state.spool.submit, work)
+    request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
-             len(prompt), budget, bool(body.stream))
+             len(work.prompt), budget, work.stream)
     feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
                      settings.ring_down_after)
-    reply = (ChatReply if chat else CompletionReply)(request_id, work.created, body.model)
-    if not body.stream:
+    reply = reply_for(request_id, queued.created)
+    if not work.stream:
         return await collect(feed, reply)
     events = feed.events()
     first = await first_event(feed, events)
-    chunks = stream(feed, events, first, reply, body.include_usage())
     # The background task also covers a client gone before the stream even started.
-    return StreamingResponse(chunks, media_type="text/event-stream",
+    return StreamingResponse(stream(feed, events, first, reply), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                              background=BackgroundTask(feed.close, "client disconnected mid-stream"))
+
+
+def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingParams) -> Work:
+    chat = isinstance(body, ChatCompletionRequest)
+    return Work("chat" if chat else "completion", prompt, body.requested_max_tokens(), body.sampling(defaults),
+                body.stop, bool(body.stream), "messages" if chat else "prompt")
+
+
+async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:
+    """Answer an OpenAI chat or text completion."""
+    work = openai_work(body, prompt, request.app.state.model.defaults)
+    reply_type = ChatReply if work.kind == "chat" else CompletionReply
+    return await answer(request, work, lambda request_id, created: reply_type(
+        request_id, created, body.model, body.include_usage()))

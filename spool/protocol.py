@@ -101,6 +101,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class Final(BaseModel):
     type: Literal["final"] = "final"
     finish_reason: FinishReason
+    stop_sequence: Optional[str] = None  # the request's stop string that ended it, if one did
     usage: Usage
     timings: Timings = Timings()
 
