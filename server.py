@@ -244,7 +244,7 @@ class Serving:
             if text or hit:
                 self.spool.append(reply.request_id, Delta(text=text, token_ids=[result.token]))
             if hit:
-                self.end(result.seq, "stop", stop_text_hit=True)
+                self.end(result.seq, "stop")
                 return
         if result.finish_reason is not None:
             self.end(result.seq, result.finish_reason)
@@ -255,10 +255,11 @@ class Serving:
                 self.scheduler.finish(seq)
                 self.end(seq, "cancelled")
 
-    def end(self, seq: int, finish_reason: str, stop_text_hit: bool = False) -> None:
+    def end(self, seq: int, finish_reason: str) -> None:
         """Write a request's final record (its sequence is finished on the ring already)."""
         reply = self.replies.pop(seq)
-        if not stop_text_hit:
+        stop_sequence = reply.stream.stop.reached
+        if stop_sequence is None:
             # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = reply.stream.finish()
             if tail:
@@ -267,7 +268,8 @@ class Serving:
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
-        self.spool.finish(reply.request_id, Final(finish_reason=finish_reason, usage=usage, timings=timings))
+        final = Final(finish_reason=finish_reason, stop_sequence=stop_sequence, usage=usage, timings=timings)
+        self.spool.finish(reply.request_id, final)
         log.info(
             "request %s: %s after %d tokens in %.2fs",
             reply.request_id, finish_reason, reply.completion, now - reply.started,

@@ -6,7 +6,7 @@ it is decided here, where the text is made, and the scheduler is told (`on_stop`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 class StopText:
@@ -15,14 +15,17 @@ class StopText:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.reached: Optional[str] = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached."""
+        """Text safe to emit now, and whether a stop string was reached (the one
+        that starts first; of two starting together, the first given)."""
         buf = self.pending + text
-        hits = [buf.find(s) for s in self.stops if s in buf]
+        hits = {s: buf.find(s) for s in self.stops if s in buf}
         if hits:
+            self.reached = min(hits, key=hits.get)
             self.pending = ""
-            return buf[: min(hits)], True
+            return buf[: hits[self.reached]], True
         keep = max((self._overlap(buf, s) for s in self.stops), default=0)
         self.pending = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False

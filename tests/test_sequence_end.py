@@ -109,11 +109,12 @@ def test_serving_writes_the_end_it_is_told(tiny_models, tmp_path):
     for name, request_id in ids.items():
         events, _ = spool.read_events(request_id)
         text = "".join(e.text for e in events if isinstance(e, Delta))
-        finals[name] = (text, events[-1].finish_reason, events[-1].usage.completion_tokens)
+        final = events[-1]
+        finals[name] = (text, final.finish_reason, final.stop_sequence, final.usage.completion_tokens)
     assert finals == {
-        "stop string": (before, "stop", 6),
-        "length": (_text(path, expected[:3])[1], "length", 3),
-        "eos": (_text(path, expected[:eos])[1], "stop", eos),
+        "stop string": (before, "stop", stop, 6),
+        "length": (_text(path, expected[:3])[1], "length", None, 3),
+        "eos": (_text(path, expected[:eos])[1], "stop", None, eos),
     }
     # The step built ahead on its sixth token rode along; its token was never handed out.
     assert drawn_for_stopped == 6

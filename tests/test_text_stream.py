@@ -22,7 +22,9 @@ def test_partial_match_that_does_not_complete_is_released():
 
 
 def test_earliest_of_several_stops_wins():
-    assert feed_all(StopText(["\n\n", "stop"]), ["a stop\n\nb"]) == ("a ", True)
+    stop = StopText(["\n\n", "stop", "st"])
+    assert feed_all(stop, ["a stop\n\nb"]) == ("a ", True)
+    assert stop.reached == "stop"
 
 
 def test_text_stream_with_real_tokenizer(tiny_models):
