@@ -13,7 +13,7 @@ import socket
 
 import mlx.core as mx
 
-from config.blas import use_blas
+from config.blas import blas_in_use
 
 log = logging.getLogger(__name__)
 
@@ -91,5 +91,5 @@ def rank_record(rank: int) -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "memory": available_memory(),
-        "blas": use_blas(),  # chosen when the package was imported: this returns that choice
+        "blas": blas_in_use(),
     }

@@ -13,7 +13,7 @@ from conftest import PROMPT, reference_tokens
 
 from config import Settings, load_settings
 from distributed.cluster import Cluster, start_cluster
-from server import Serving
+from distributed.serving import Serving
 from spool import Spool
 from spool.protocol import Delta, SamplingParams, SpoolRequest
 

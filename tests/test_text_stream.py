@@ -1,6 +1,6 @@
 """Stop strings are matched on text across token boundaries and never emitted."""
 
-from text_stream import StopText, TextStream
+from distributed.text_stream import StopText, TextStream
 
 
 def feed_all(stop: StopText, pieces: list[str]) -> tuple[str, bool]:
