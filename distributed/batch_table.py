@@ -57,7 +57,8 @@ class BatchTable:
 
     def open(self, batch: int, seq: int, work: dict) -> None:
         """A new sequence, alone in a new batch; `work` holds its prompt, sampling
-        parameters, and the stored cache it starts from, if any."""
+        parameters, the tokens it drew before a restart (in its prompt), and the stored
+        cache it starts from, if any."""
         local = None
         if work.get("reuse"):
             entry, tokens = work["reuse"]
@@ -65,7 +66,7 @@ class BatchTable:
         cache = StageCache(self.model, self.stage.start, self.stage.end, self.kv, local)
         samplers = []
         if self.stage.is_first:
-            samplers = [TokenSampler(SamplingParams.pick(work["params"]), work["prompt"])]
+            samplers = [TokenSampler(SamplingParams.pick(work["params"]), work["prompt"], work.get("drawn", 0))]
         self.batches[batch] = Batch([seq], cache, samplers)
 
     def merge(self, into: int, batch: int) -> None:

@@ -27,7 +27,7 @@ from distributed.shard import (
     local_model_path,
     parameter_bytes,
 )
-from models import resolve_model
+from models import resolve_model, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,6 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
-            frozenset(tokenizer.eos_token_ids),
+            frozenset(tokenizer.eos_token_ids), vocab_size(config),
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, tokenizer)

@@ -15,9 +15,11 @@ SEED_STRIDE = 1_000_003
 
 
 class TokenSampler:
-    """Samples one sequence's tokens the way mlx-lm's generate_step does."""
+    """Samples one sequence's tokens the way mlx-lm's generate_step does. A seeded
+    sequence's draw at each position is fixed by (seed, position): one resumed after
+    `drawn` tokens (its prompt holding them) goes on as if never stopped."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int]):
+    def __init__(self, params: SamplingParams, prompt: list[int], drawn: int = 0):
         self.sample: Callable[[mx.array], mx.array] = make_sampler(
             temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
         )
@@ -27,7 +29,7 @@ class TokenSampler:
         )
         self.history = mx.array(prompt, dtype=mx.int32)
         self.seed = params.seed
-        self.drawn = 0
+        self.drawn = drawn
 
     def __call__(self, logits: mx.array) -> mx.array:
         """Next token (shape [1]) from the logits of the last position."""
@@ -44,3 +46,14 @@ class TokenSampler:
         if self.processors:
             self.history = mx.concatenate([self.history, token])
         return token
+
+
+def check_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError if sampling with `params` would fail (mlx-lm's samplers check
+    some parameters only when called): one draw from flat logits, before the request
+    reaches the ring, where such an error would take every request down with it."""
+    trial = TokenSampler(params.model_copy(update={"seed": None}), [0])
+    try:
+        mx.eval(trial(mx.zeros((1, 1, vocab_size))))
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"the sampling parameters cannot be used: {err}") from err

@@ -27,11 +27,11 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from distributed.kv_cache import can_batch, can_reuse_prefixes
-from distributed.limits import Limits
+from distributed.limits import Limits, RequestError
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
-from distributed.sampling import SamplingParams
+from distributed.sampling import SamplingParams, check_sampling
 from distributed.sequence import Sequence, TokenResult
 from distributed.transport import StepWork
 
@@ -68,10 +68,12 @@ class Scheduler:
         prompt_cache_tokens: int,
         micro_batches: int = 1,
         eos_token_ids: frozenset[int] = frozenset(),
+        vocab_size: Optional[int] = None,
     ):
         self.pipeline = pipeline
         self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
@@ -102,15 +104,23 @@ class Scheduler:
         """Whether a request's KV reservation fits now; RequestError if it never will."""
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> int:
-        """Start a sequence; its tokens come out of `step`. Returns its id."""
+    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0) -> int:
+        """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
+        tokens at the end of `prompt` it generated before a restart (`max_tokens`
+        counts those still to draw)."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
+        if self.vocab_size is not None:
+            try:
+                check_sampling(params, self.vocab_size)
+            except ValueError as err:
+                raise RequestError(str(err), "invalid_sampling") from None
         reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
         seq = batch = self._next_id
         self._next_id += 1
         work = {
             "prompt": prompt,
             "params": params.model_dump(),
+            "drawn": drawn,
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())

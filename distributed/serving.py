@@ -47,6 +47,7 @@ class Reply:
     claimed_at: float
     first_token: Optional[float] = None
     completion: int = 0
+    unwritten: list[int] = field(default_factory=list)  # drawn tokens whose text is held back
 
 
 class Serving:
@@ -89,9 +90,12 @@ class Serving:
             self.spool.purge(self.settings.spool_retention)
 
     def run(self) -> int:
-        requeued = self.spool.requeue_claimed()
+        requeued, quarantined = self.spool.requeue_claimed()
         if requeued:
-            log.info("requeued %d requests left unfinished by the last run", len(requeued))
+            log.info("requeued %d requests left unfinished by the last run; they resume where they were",
+                     len(requeued))
+        for request_id in quarantined:
+            log.warning("request %s quarantined: in flight during two ring failures in a row", request_id)
         events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
@@ -122,11 +126,17 @@ class Serving:
                     return
                 self.held = Claim(*claimed)
             request_id, request = self.held.request_id, self.held.request
-            prompt = request.prompt_tokens
+            # A request the last run left unfinished resumes after the tokens it streamed.
+            drawn = self.spool.streamed_tokens(request_id)
+            prompt = request.prompt_tokens + drawn
+            if len(drawn) >= request.max_tokens:
+                self.finish_drawn(self.held, drawn)  # it was down to its final record
+                self.held = None
+                continue
             try:
-                if not self.scheduler.fits(len(prompt), request.max_tokens):
+                if not self.scheduler.fits(len(prompt), request.max_tokens - len(drawn)):
                     return
-                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens)
+                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn))
             except RequestError as err:
                 log.info("request %s refused: %s", request_id, err)
                 self.spool.finish(request_id, Failed(message=str(err), code=err.code, status=400))
@@ -137,17 +147,25 @@ class Serving:
             self.spool.append(request_id, Started())
             cached = self.scheduler.sequences[seq].cached
             stream = TextStream(self.cluster.tokenizer, request.stop, partial(self.scheduler.finish, seq))
-            self.replies[seq] = Reply(request_id, len(prompt), stream, cached, claim.started, claim.claimed_at)
+            for token in drawn:
+                stream.add(token)  # the text they made was written before the restart
+            self.replies[seq] = Reply(request_id, len(request.prompt_tokens), stream, cached, claim.started,
+                                      claim.claimed_at, completion=len(drawn))
             self.peak_active = max(self.peak_active, self.scheduler.active)
-            log.info(
-                "request %s: %d prompt tokens (%d cached), %d active",
-                request_id, len(prompt), cached, len(self.replies),
-            )
+            log.info("request %s: %d prompt tokens (%d cached)%s, %d active", request_id, len(request.prompt_tokens),
+                     cached, f", resumed after {len(drawn)} tokens" if drawn else "", len(self.replies))
 
     def write_out(self, events: list[TokenResult]) -> None:
         """Tokens into their requests' streams; then cancelled requests end."""
         for result in events:
-            self.on_token(result)
+            if result.seq not in self.replies:
+                continue  # its request failed earlier in this list
+            try:
+                self.on_token(result)
+            except Exception:
+                # One request's text (a tokenizer's failure) must not end everyone's.
+                log.exception("request %s failed on token %d", self.replies[result.seq].request_id, result.token)
+                self.fail(result.seq, "internal error while making the text of this request")
         self.check_cancelled()
 
     def on_token(self, result: TokenResult) -> None:
@@ -156,9 +174,11 @@ class Serving:
         reply.first_token = reply.first_token or time.perf_counter()
         if result.in_completion:
             reply.completion += 1
+            reply.unwritten.append(result.token)
             text, hit = reply.stream.add(result.token)
             if text or hit:
-                self.spool.append(reply.request_id, Delta(text=text, token_ids=[result.token]))
+                self.spool.append(reply.request_id, Delta(text=text, token_ids=reply.unwritten))
+                reply.unwritten = []
             if hit:
                 self.end(result.seq, "stop")
                 return
@@ -178,8 +198,8 @@ class Serving:
         if stop_sequence is None:
             # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = reply.stream.finish()
-            if tail:
-                self.spool.append(reply.request_id, Delta(text=tail))
+            if tail or reply.unwritten:
+                self.spool.append(reply.request_id, Delta(text=tail, token_ids=reply.unwritten))
         now = time.perf_counter()
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
@@ -190,6 +210,24 @@ class Serving:
             "request %s: %s after %d tokens in %.2fs",
             reply.request_id, finish_reason, reply.completion, now - reply.started,
         )
+
+
+    def finish_drawn(self, claim: Claim, drawn: list[int]) -> None:
+        """A request that had drawn all its tokens before the restart: its held-back text
+        and its final record."""
+        stream = TextStream(self.cluster.tokenizer, claim.request.stop, lambda: None)
+        for token in drawn:
+            stream.add(token)
+        if tail := stream.finish():
+            self.spool.append(claim.request_id, Delta(text=tail))
+        usage = Usage.of(len(claim.request.prompt_tokens), len(drawn))
+        self.spool.finish(claim.request_id, Final(finish_reason="length", usage=usage))
+
+    def fail(self, seq: int, message: str) -> None:
+        """End one request with an error; its sequence leaves the ring, the others go on."""
+        self.scheduler.finish(seq)
+        reply = self.replies.pop(seq)
+        self.spool.finish(reply.request_id, Failed(message=message, code="internal_error"))
 
 
 def serve(cluster: Cluster, settings, spool: Spool) -> int:

@@ -153,7 +153,7 @@ class EventFeed:
                 self.metrics.itl.observe(now - self._last_text)
             self._last_text = now
         elif isinstance(event, Requeued):
-            log.info("request %s requeued: the ring restarted, output starts over", self.request_id)
+            log.info("request %s requeued: the ring restarted; it resumes where it was", self.request_id)
         elif isinstance(event, Failed):
             log.warning("request %s failed: %s", self.request_id, event.message)
         if isinstance(event, TERMINAL):

@@ -13,7 +13,7 @@ from mlx_lm.utils import load_config, load_tokenizer
 
 from config import Settings
 from http_api.errors import APIError
-from models import resolve_model, served_name
+from models import resolve_model, served_name, vocab_size
 from spool.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,10 @@ def generation_config(model_path: Path) -> dict:
 def load_served_model(settings: Settings) -> ServedModel:
     model_path = Path(resolve_model(settings.model_repo, settings.model_cache_dir))
     tokenizer = load_tokenizer(model_path)
-    config = load_config(model_path)
-    vocab_size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer.vocab)
+    width = vocab_size(load_config(model_path)) or len(tokenizer.vocab)
     # The operator's settings over the model's recommendation, over OpenAI's defaults.
     defaults = SamplingParams.pick(generation_config(model_path), settings.sampling_defaults())
     names = Settings.split_list(settings.served_model_name) or [served_name(settings.model_repo)]
     log.info("serving %s (tokenizer from %s); sampling defaults %s", ", ".join(names), model_path,
              defaults.model_dump(exclude_none=True))
-    return ServedModel(names, tokenizer, vocab_size, defaults)
+    return ServedModel(names, tokenizer, width, defaults)

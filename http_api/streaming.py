@@ -50,8 +50,6 @@ async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
         async for event in feed.events():
             if isinstance(event, Delta):
                 parts.append(event.text)
-            elif isinstance(event, Requeued):
-                parts.clear()
             elif isinstance(event, Failed):
                 raise APIError.of(event)
             elif isinstance(event, Final):
@@ -78,25 +76,6 @@ async def first_event(feed: EventFeed, events: AsyncIterator[Event | KeepAlive])
         raise
 
 
-class FreshText:
-    """Text of a stream not sent yet: after a `requeued` event the output starts over, and
-    (generation being deterministic for greedy or seeded sampling) its first part was sent."""
-
-    def __init__(self) -> None:
-        self.sent = 0  # characters sent to the client
-        self.produced = 0  # characters produced since the last restart
-
-    def restart(self) -> None:
-        self.produced = 0
-
-    def take(self, text: str) -> str:
-        start = max(self.sent - self.produced, 0)
-        self.produced += len(text)
-        fresh = text[start:]
-        self.sent += len(fresh)
-        return fresh
-
-
 async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], first: Event,
                  reply: Reply) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, from its first event on (usually
@@ -104,17 +83,14 @@ async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], firs
     write (the closing ones together), so a client gets them in one read."""
     # Starlette watches for the disconnect itself while it streams.
     feed.client = None
-    fresh = FreshText()
     ready: list[str] = reply.opening()
     try:
         event: Event | KeepAlive | None = first
         while event is not None:
             if isinstance(event, KeepAlive):
                 ready.append(reply.keepalive)
-            elif isinstance(event, Delta) and (text := fresh.take(event.text)):
-                ready += reply.delta(text)
-            elif isinstance(event, Requeued):
-                fresh.restart()
+            elif isinstance(event, Delta) and event.text:
+                ready += reply.delta(event.text)
             elif isinstance(event, Failed):
                 ready.append(reply.failure(APIError.of(event)))
                 yield "".join(ready)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -88,8 +89,12 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
     problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
+    sampling = work.sampling
+    if sampling.seed is None and sampling.temperature > 0:
+        # Kept in the spool, so a request resumed after a ring restart draws as it would have.
+        sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=work.sampling, stop=work.stop, created=int(time.time()))
+                          sampling=sampling, stop=work.stop, created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,

@@ -90,7 +90,8 @@ class Delta(BaseModel):
 
 
 class Requeued(BaseModel):
-    """The ring restarted while the request ran; its output starts over."""
+    """The ring restarted while the request ran: rank 0 resumes it after the tokens its
+    deltas hold, so its output goes on where it stopped."""
 
     type: Literal["requeued"] = "requeued"
 

@@ -85,7 +85,9 @@ def test_settings_override_generation_config(served: tuple[ApiServer, RankProces
     with ApiServer(_ring_settings(model, spool_dir, default_temperature=0.3, default_top_k=5)) as api:
         reply = api.client().chat.completions.create(model=str(model), messages=MESSAGES, max_tokens=2, top_p=0.5)
         sent = _spooled_request(api, reply.id.removeprefix("chatcmpl-"))
-    assert sent.sampling == SamplingParams(temperature=0.3, top_p=0.5, top_k=5)
+    # Sampling without a seed gets one drawn by the server, kept for a resume after a restart.
+    assert sent.sampling.seed is not None
+    assert sent.sampling.model_copy(update={"seed": None}) == SamplingParams(temperature=0.3, top_p=0.5, top_k=5)
 
 
 @pytest.mark.parametrize("penalties", [{"presence_penalty": 1.5}, {"frequency_penalty": 2.0},
