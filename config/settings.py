@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     # Cluster
     backend: Literal["any", "ring", "mpi", "jaccl"] = "any"
+    # pipeline: each rank holds whole layers; tensor: each holds 1/N of every layer;
+    # auto: whichever a measurement of the link and the model at start says is faster
+    parallel: Literal["pipeline", "tensor", "auto"] = "auto"
     layer_split: str = "even"
     micro_batches: int = Field(0, ge=0)
 
@@ -107,6 +110,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("model_cache_dir", "spool_dir", "log_dir", "run_dir", "hostfile")
     @classmethod

@@ -14,6 +14,7 @@ from distributed.doorbell import connect, listen, rank_addresses
 from distributed.world import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
 from distributed.limits import Limits
+from distributed.parallel import ParallelChoice, choose_parallel, log_choice
 from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
 from distributed.split import plan_split
@@ -27,6 +28,8 @@ from distributed.shard import (
     local_model_path,
     parameter_bytes,
 )
+from distributed.tensor import load_tensor
+from distributed.tensor_step import TensorPipeline
 from models import resolve_model, vocab_size
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class Cluster:
     ranks: list[dict]
     model_path: Path
     config: dict
+    parallel: ParallelChoice
     tokenizer: Optional[object] = None  # rank 0 only
 
 
@@ -55,9 +59,11 @@ def kv_settings(settings: Settings) -> KVSettings:
     )
 
 
-def micro_batches(settings: Settings, ranks: list[dict]) -> int:
-    """MICRO_BATCHES, or one per machine: ranks on one machine share its cores."""
-    machines = len({r["host"] for r in ranks})
+def micro_batches(settings: Settings, ranks: list[dict], tensor: bool = False) -> int:
+    """MICRO_BATCHES, or one per machine: ranks on one machine share its cores. Split
+    by tensor, one: every rank works on every step, and a step reads every weight
+    once however many sequences it holds."""
+    machines = 1 if tensor else len({r["host"] for r in ranks})
     return min(settings.micro_batches or machines, len(ranks))
 
 
@@ -68,10 +74,18 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     path = local_model_path(model_ref)
     num_layers = count_layers(path)
     records = all_gather_json(world, rank_record(rank))
-    bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
-    stage = Stage(rank, size, *bounds[rank])
-    log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
-    model, config = load_stage(model_ref, stage, world, path)
+    parallel = choose_parallel(settings.parallel, world, model_ref, path)
+    log_choice(parallel)
+    tensor = parallel.mode == "tensor"
+    if tensor:
+        stage = Stage(rank, size, 0, num_layers)
+        log.info("loading part %d of %d of each of %d layers from %s", rank + 1, size, num_layers, model_ref)
+        model, config = load_tensor(model_ref, world, path)
+    else:
+        bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
+        stage = Stage(rank, size, *bounds[rank])
+        log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
+        model, config = load_stage(model_ref, stage, world, path)
 
     kv = kv_settings(settings)
     per_token = kv_bytes_per_token(
@@ -81,6 +95,8 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     listener = listen(addresses[rank]) if size > 1 else None
     record = rank_record(rank) | {
         "layers": [stage.start, stage.end],
+        # This rank's part of each of those layers, [index, parts]: [0, 1] in a pipeline.
+        "shard": [rank, size] if tensor else [0, 1],
         "parameter_bytes": parameter_bytes(model),
         "kv_bytes_per_token": per_token,
         "doorbell": listener.getsockname()[1] if listener else None,
@@ -97,13 +113,13 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         kv,
     )
     log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
-    pipeline = Pipeline(model, stage, world, kv, bell)
+    pipeline = (TensorPipeline if tensor else Pipeline)(model, stage, world, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
         prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
-            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
+            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
             frozenset(tokenizer.eos_token_ids), vocab_size(config),
         )
-    return Cluster(world, stage, pipeline, scheduler, ranks, path, config, tokenizer)
+    return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
-from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
+from distributed.messages import Op
 from distributed.pipeline import Pipeline
 
 
@@ -15,16 +13,6 @@ def follow(pipeline: Pipeline) -> None:
         if header.op == Op.STOP:
             return
         if header.op == Op.STEP:
-            _step(pipeline, header)
+            pipeline.follow_step(header)
         else:
             pipeline.table.apply(header, payload)
-
-
-def _step(pipeline: Pipeline, header: Header) -> None:
-    """Run a step on this stage: rank 0 sends no token ids past itself, so the
-    ids are stand-ins of the right shape; the input is the previous rank's output."""
-    rows = len(pipeline.table.batches[header.batch].members)
-    ids = mx.zeros((rows, header.length), dtype=mx.int32)
-    work = pipeline.run(header.batch, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
-    pipeline.transport.bell.wait()  # the previous rank's output, received in the graph
-    pipeline.transport.complete(work)

@@ -51,7 +51,7 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
             "decode_tokens_per_second": max(len(tokens) - 1, 0) / max(finished - first_token_at, 1e-9),
         }
         result = {"text": text, "token_ids": tokens, "finish_reason": finish_reason, "timings": timings}
-        print(json.dumps(result | {"ranks": cluster.ranks}))
+        print(json.dumps(result | {"parallel": cluster.parallel.record(), "ranks": cluster.ranks}))
     else:
         print(text)
     return 0

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from distributed.doorbell import Doorbell
 from distributed.batch_table import Batch, BatchTable
 from distributed.kv_cache import KVSettings
-from distributed.messages import Header, Op
+from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.shard import Stage, shared_head
 from distributed.transport import StepWork, Transport
 
@@ -39,6 +39,12 @@ class Pipeline:
         self.table = BatchTable(model, stage, kv)
         self.transport = Transport(stage, world, bell)
 
+    @property
+    def results_over_ring(self) -> bool:
+        """Whether a step's results come back to rank 0 around the ring (more than
+        one stage), rather than computed on rank 0 itself."""
+        return self.stage.size > 1
+
     def tell(self, header: Header, payload: bytes = b"") -> None:
         """Rank 0: a change to the table, made on every rank in the same order."""
         self.transport.broadcast(header, payload)
@@ -53,15 +59,9 @@ class Pipeline:
         With `sample`, the last stage computes the batch's logits: on one rank it
         samples them, on a ring it sends them to rank 0 (only the rows after the
         head's split when `share`, after sending the head's input)."""
-        target = self.table.batches[batch]
         if self.head is not None and self.stage.is_last:
             self.head.first = self.head.split if share else 0
-        out = self.model(ids, cache=target.cache.view())
-        if target.padded_prompt > 0:
-            target.padded_prompt -= ids.shape[1]
-            if target.padded_prompt <= 0:
-                target.cache.finalize()
-        target.cache.maybe_quantize()
+        target, out = self.forward(batch, ids)
         # What a step computes is its output, which every cache update feeds. Only a
         # prefill without logits names the caches: mlx-lm's caches hand out their own
         # arrays as `state`, and the next step's update rewrites those in place, so
@@ -84,6 +84,27 @@ class Pipeline:
         if self.stage.size > 1:
             work.send = self.transport.send(ack)
         return work
+
+    def forward(self, batch: int, ids: mx.array) -> tuple[Batch, mx.array]:
+        """The model's forward pass over `batch`'s caches (a graph, not computed)."""
+        target = self.table.batches[batch]
+        out = self.model(ids, cache=target.cache.view())
+        if target.padded_prompt > 0:
+            target.padded_prompt -= ids.shape[1]
+            if target.padded_prompt <= 0:
+                target.cache.finalize()
+        target.cache.maybe_quantize()
+        return target, out
+
+    def follow_step(self, header: Header) -> None:
+        """Ranks after rank 0: run a step on this stage. Rank 0 sends no token ids
+        past itself, so the ids are stand-ins of the right shape; the input is the
+        previous rank's output."""
+        rows = len(self.table.batches[header.batch].members)
+        ids = mx.zeros((rows, header.length), dtype=mx.int32)
+        work = self.run(header.batch, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
+        self.transport.bell.wait()  # the previous rank's output, received in the graph
+        self.transport.complete(work)
 
     def sample(self, target: Batch, logits: mx.array) -> mx.array:
         """Rank 0: the next token of each row of a batch, from its logits."""

@@ -247,7 +247,7 @@ class Scheduler:
         else:
             work, length = self._prefill_step(micro)
             sample = False
-        ring = self.pipeline.stage.size > 1
+        ring = self.pipeline.results_over_ring
         # Exactly one row: its half-head logits are the same bits as the whole
         # head's, which a BLAS may not give for a batch split across ranks.
         share = ring and sample and len(micro.members) == 1
@@ -370,7 +370,7 @@ class Scheduler:
 
     def _collect(self) -> list[TokenResult]:
         flight = self.flights.popleft()
-        if self.pipeline.stage.size > 1:
+        if self.pipeline.results_over_ring:
             self.transport.receive(flight.results)
             self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()

@@ -82,6 +82,7 @@ class Serving:
                 "kv_capacity_tokens": self.scheduler.limits.kv_capacity,
                 "kv_reserved_tokens": self.scheduler.reserved,
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
+                "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
             }
         )

@@ -1,0 +1,178 @@
+"""How the ranks share the model (PARALLEL): a pipeline of whole layers, or tensor
+parallelism (1/N of every layer); `auto` measures and takes the faster.
+
+Decode reads every weight once per token. In a pipeline a token visits the ranks in
+turn, so it takes as long as on one machine, plus a hop per rank; split N ways, every
+layer's work takes 1/N of the time, plus two all-reduces per layer. Which wins depends
+on the link: `auto` measures it (a small all-reduce's round trip and a large one's
+bandwidth) and one decoder layer's compute, at start, and estimates one sequence's
+token both ways for this model:
+
+    pipeline = L*layer + head/2 + N*all_reduce + (vocab/2 logits)/bandwidth
+    tensor   = (L*layer + head)/N + (2L + 2)*all_reduce + (vocab logits)/bandwidth
+
+(L layers, N ranks; a pipeline hop costs about one small all-reduce; the head's time is
+the layer's scaled by their weights' bytes; the pipeline shares its head between rank 0
+and the last rank, tensor mode among all ranks and all-gathers the logits; the 2 extra
+all-reduces carry the step's token ids.) It assumes machines alike, as the tensor
+split does (each holds 1/N): on machines of unequal memory choose the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load_model
+
+from distributed.shard import hidden_dtype, parameter_bytes
+from distributed.tensor import shard_problem
+from distributed.world import all_gather_json
+
+log = logging.getLogger(__name__)
+
+SMALL_REPEATS = 20  # small all-reduces timed (their median is the round trip)
+LARGE_BYTES = 4 * 2**20  # a large all-reduce, for the link's bandwidth
+LARGE_REPEATS = 3
+LAYER_REPEATS = 5  # decode steps of one layer timed (median)
+CONTEXT = 32  # tokens in the timed layer's cache, as a short conversation has
+
+
+@dataclass(frozen=True)
+class ParallelChoice:
+    """The mode the ranks run in, why, and auto's figures (for the log and /health)."""
+
+    mode: str  # "pipeline" or "tensor"
+    requested: str  # PARALLEL
+    reason: str
+    figures: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"mode": self.mode, "requested": self.requested, "reason": self.reason} | self.figures
+
+
+def choose_parallel(requested: str, world: mx.distributed.Group, model: str, path: Path) -> ParallelChoice:
+    """Collective: every rank calls it with the same settings and gets the same choice."""
+    size = world.size()
+    if size == 1:
+        return ParallelChoice("pipeline", requested, "one rank: nothing to split")
+    if requested == "pipeline":
+        return ParallelChoice("pipeline", requested, "PARALLEL=pipeline")
+    skeleton, _ = load_model(path, lazy=True, strict=False)
+    problem = shard_problem(skeleton, size)
+    if requested == "tensor":
+        if problem is not None:
+            raise ValueError(f"PARALLEL=tensor: {problem}; use PARALLEL=pipeline or auto")
+        return ParallelChoice("tensor", requested, "PARALLEL=tensor")
+    if problem is not None:
+        return ParallelChoice("pipeline", requested, f"the model cannot be split by tensor: {problem}")
+    figures = measure(world, skeleton, model, path)
+    tensor, pipeline = figures["token_ms"]["tensor"], figures["token_ms"]["pipeline"]
+    mode = "tensor" if tensor < pipeline else "pipeline"
+    reason = f"estimated {tensor:.1f} ms a token split by tensor, {pipeline:.1f} ms by pipeline"
+    return ParallelChoice(mode, requested, reason, figures)
+
+
+def measure(world: mx.distributed.Group, skeleton: nn.Module, model: str, path: Path) -> dict:
+    """Collective: the link and one layer, timed on every rank; the slowest rank's
+    figures, and the estimates built from them, identical on every rank."""
+    if fetch_first_layer(model, path):
+        skeleton, _ = load_model(path, lazy=True, strict=False)  # now with the real tensors
+    dtype = hidden_dtype(skeleton)
+    mine = time_link(world, skeleton.args.hidden_size, dtype) | {"layer_ms": time_layer(skeleton, dtype)}
+    ranks = all_gather_json(world, mine)
+    all_reduce_us = max(r["all_reduce_us"] for r in ranks)
+    bandwidth = min(r["bandwidth_mb_s"] for r in ranks) * 1e6
+    layer_ms = max(r["layer_ms"] for r in ranks)
+    layers, size = len(skeleton.layers), world.size()
+    head_ms = layer_ms * parameter_bytes(head_of(skeleton)) / parameter_bytes(skeleton.model.layers[0])
+    logits_ms = 1e3 * skeleton.args.vocab_size * mx.float32.size / bandwidth
+    hop_ms = all_reduce_us / 1e3
+    compute_ms = layers * layer_ms
+    estimate = {
+        "pipeline": compute_ms + head_ms / 2 + size * hop_ms + logits_ms / 2,
+        "tensor": (compute_ms + head_ms) / size + (2 * layers + 2) * hop_ms + logits_ms,
+    }
+    return {
+        "all_reduce_us": round(all_reduce_us, 1),
+        "bandwidth_mb_s": round(bandwidth / 1e6, 1),
+        "layer_ms": round(layer_ms, 3),
+        "head_ms": round(head_ms, 3),
+        "token_ms": {mode: round(ms, 2) for mode, ms in estimate.items()},
+    }
+
+
+def time_link(world: mx.distributed.Group, hidden_size: int, dtype: mx.Dtype) -> dict:
+    """A one-token hidden state's all-reduce round trip (median), and a large one's bandwidth."""
+    small = mx.ones((1, 1, hidden_size), dtype=dtype)
+    large = mx.ones((LARGE_BYTES // 4,), dtype=mx.float32)
+    mx.eval(small, large)
+    times = []
+    for i in range(SMALL_REPEATS + 3):  # the first ones warm the connections up
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(small, group=world))
+        times.append(time.perf_counter() - start)
+    small_s = statistics.median(times[3:])
+    mx.eval(mx.distributed.all_sum(large, group=world))
+    start = time.perf_counter()
+    for _ in range(LARGE_REPEATS):
+        mx.eval(mx.distributed.all_sum(large, group=world))
+    large_s = (time.perf_counter() - start) / LARGE_REPEATS
+    return {"all_reduce_us": small_s * 1e6, "bandwidth_mb_s": LARGE_BYTES / max(large_s - small_s, 1e-9) / 1e6}
+
+
+def time_layer(skeleton: nn.Module, dtype: mx.Dtype) -> float:
+    """Milliseconds of one decode step of the model's first layer, whole, on this rank."""
+    layer = skeleton.model.layers[0]
+    mx.eval(layer.parameters())  # read from disk: only this layer's tensors
+    cache = KVCache()
+    context = mx.random.normal((1, CONTEXT, skeleton.args.hidden_size)).astype(dtype)
+    mx.eval(layer(context, "causal", cache))
+    token = mx.random.normal((1, 1, skeleton.args.hidden_size)).astype(dtype)
+    times = []
+    for _ in range(LAYER_REPEATS + 1):
+        start = time.perf_counter()
+        mx.eval(layer(token, None, cache))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return model.model.embed_tokens if "lm_head" not in model else model.lm_head
+
+
+def fetch_first_layer(model: str, path: Path) -> bool:
+    """For a hub repo, download the weight files holding layer 0, which `time_layer`
+    reads (without an index, the one file; in a pipeline, a download the later ranks
+    would not need otherwise). Whether anything was fetched."""
+    if Path(model).exists():
+        return False
+    from huggingface_hub import snapshot_download
+
+    index = path / "model.safetensors.index.json"
+    patterns = ["model*.safetensors"]
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        patterns = sorted({f for name, f in weight_map.items() if ".layers.0." in f".{name}"})
+    snapshot_download(model, allow_patterns=patterns)
+    return True
+
+
+def log_choice(choice: ParallelChoice) -> None:
+    figures = choice.figures
+    if figures:
+        log.info(
+            "parallel: %s (PARALLEL=%s): all-reduce %.0f us, %.0f MB/s; a layer %.2f ms, the head %.2f ms; %s",
+            choice.mode, choice.requested, figures["all_reduce_us"], figures["bandwidth_mb_s"],
+            figures["layer_ms"], figures["head_ms"], choice.reason,
+        )
+    else:
+        log.info("parallel: %s (PARALLEL=%s): %s", choice.mode, choice.requested, choice.reason)
