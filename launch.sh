@@ -24,7 +24,7 @@ usage: ./launch.sh VERB [OPTIONS]
   stop                 stop the ranks (rank 0 finishes its token first) and the API
   restart              stop the ranks and start again; a running API is kept when its
                        settings did not change, so queued requests wait and are served
-  status               ranks (host, pid, layers, memory, alive) and API health;
+  status               parallel mode; ranks (host, pid, layers, shard, memory, alive), API health;
                        exit status 0 only when everything is up
   logs [-f] [-n LINES] the last LINES (default 40) of each rank's and the API's log;
                        -f follows them
@@ -285,12 +285,12 @@ api_running() {
 # Heartbeat and health
 # ---------------------------------------------------------------------------
 
-# Sets hb_ms, hb_age, hb_state, hb_model, hb_active, hb_reason, hb_ranks from rank 0's
+# Sets hb_ms, hb_age, hb_state, hb_model, hb_active, hb_reason, hb_mode, hb_parallel, hb_ranks from rank 0's
 # heartbeat, read on rank 0's host (its spool is a local directory there; the age is by
 # that host's clock).
 read_heartbeat() {
   local out
-  hb_ms=0 hb_age="" hb_state="" hb_model="" hb_active="" hb_reason="" hb_ranks=()
+  hb_ms=0 hb_age="" hb_state="" hb_model="" hb_active="" hb_reason="" hb_mode="" hb_parallel="" hb_ranks=()
   out=$(helper_on "${rank_host[0]}" heartbeat "$(path_on "${rank_host[0]}" "$SPOOL_DIR")" 2>/dev/null) ||
     out="hb_state=unreachable"
   eval "$out"
@@ -373,7 +373,7 @@ start_all() {
   if ! start_api || ! wait_ready "$before"; then fail_start; fi
   trap - INT TERM
   save_ranks
-  log "ready: ${#rank_host[@]} rank(s), BACKEND=$BACKEND, model $hb_model"
+  log "ready: ${#rank_host[@]} rank(s), BACKEND=$BACKEND, ${hb_mode:-pipeline} parallel, model $hb_model"
   echo "$(api_url)/v1"
 }
 
@@ -688,7 +688,7 @@ cmd_restart() {
 }
 
 cmd_status() {
-  local up=0 entry alive host rank pid layers memory hostname blas rc
+  local up=0 entry alive host rank pid layers memory hostname blas shard rc
   load_settings
   if ring_running; then
     echo "ring: launcher pid $launcher_pid, ${#rank_host[@]} rank(s), BACKEND=$BACKEND"
@@ -701,15 +701,17 @@ cmd_status() {
   if [ "$hb_state" != ready ] || [ -z "$hb_age" ] || ! awk -v a="$hb_age" -v t="$HEARTBEAT_TIMEOUT" 'BEGIN { exit !(a <= t) }'; then
     up=1
   fi
-  printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %s\n' RANK HOST HOSTNAME PID LAYERS MEMORY BLAS ALIVE
+  [ -z "$hb_parallel" ] || echo "parallel: $hb_parallel"
+  # SHARD: "whole" layers (pipeline), or "k/N": the k-th of N parts of every layer (tensor).
+  printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %-6s %s\n' RANK HOST HOSTNAME PID LAYERS MEMORY BLAS SHARD ALIVE
   for entry in ${hb_ranks[@]+"${hb_ranks[@]}"}; do
-    read -r rank pid layers memory hostname blas <<<"$entry"
+    read -r rank pid layers memory hostname blas shard <<<"$entry"
     host=${rank_host[$rank]:-?}
     rc=0
     pid_alive "$host" "$pid" server.py || rc=$?
     case "$rc" in 0) alive=yes ;; 1) alive=no ;; *) alive=unreachable ;; esac
     [ "$rc" -eq 0 ] || up=1
-    printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %s\n' "$rank" "$host" "$hostname" "$pid" "$layers" "$memory" "$blas" "$alive"
+    printf '%-5s %-22s %-16s %-8s %-8s %-9s %-10s %-6s %s\n' "$rank" "$host" "$hostname" "$pid" "$layers" "$memory" "$blas" "$shard" "$alive"
   done
   [ ${#hb_ranks[@]} -gt 0 ] || up=1
   if api_running; then

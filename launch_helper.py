@@ -122,8 +122,10 @@ def port_free(host: str, port: int) -> bool:
 
 def heartbeat(spool_dir: str) -> list[str]:
     """Shell assignments from rank 0's heartbeat: hb_ms (its time), hb_age (by this host's clock),
-    hb_state, hb_model, hb_active, hb_reason and hb_ranks ("rank pid start-end memory host blas",
-    the BLAS's kind without its library path: openblas, reference, accelerate)."""
+    hb_state, hb_model, hb_active, hb_reason, hb_mode and hb_parallel (how the ranks share the
+    model, and why), and hb_ranks ("rank pid start-end memory host blas shard", the BLAS's kind
+    without its library path: openblas, reference, accelerate; shard: "whole" layers, or "k/N",
+    the k-th of N parts of each)."""
     try:
         beat = json.loads((Path(spool_dir) / "heartbeat.json").read_bytes())
     except (OSError, ValueError):
@@ -136,7 +138,10 @@ def heartbeat(spool_dir: str) -> list[str]:
         start, end = (r.get("layers") or [0, 0])[:2]
         memory = f"{r.get('memory', 0) / 2**30:.1f}GiB"
         blas = str(r.get("blas") or "?").split(" ")[0] or "?"
-        ranks.append(f"{r.get('rank')} {r.get('pid')} {start}-{end - 1} {memory} {r.get('host')} {blas}")
+        index, parts = (r.get("shard") or [0, 1])[:2]
+        shard = "whole" if parts == 1 else f"{index + 1}/{parts}"
+        ranks.append(f"{r.get('rank')} {r.get('pid')} {start}-{end - 1} {memory} {r.get('host')} {blas} {shard}")
+    parallel = beat.get("parallel") if isinstance(beat.get("parallel"), dict) else {}
     values = {
         "hb_ms": str(int(when * 1000)),
         "hb_age": f"{time.time() - when:.1f}" if when else "",
@@ -144,10 +149,22 @@ def heartbeat(spool_dir: str) -> list[str]:
         "hb_model": str(beat.get("model", "")),
         "hb_active": str(beat.get("active", "")),
         "hb_reason": str(beat.get("reason", "")),
+        "hb_mode": str(parallel.get("mode", "")),
+        "hb_parallel": parallel_summary(parallel),
     }
     lines = [f"{name}={shlex.quote(value)}" for name, value in values.items()]
     lines.append("hb_ranks=(" + " ".join(shlex.quote(r) for r in ranks) + ")")
     return lines
+
+
+def parallel_summary(parallel: dict) -> str:
+    """One line: the mode, PARALLEL, the reason, and auto's link figures when measured."""
+    if not parallel:
+        return ""
+    line = f"{parallel.get('mode')} (PARALLEL={parallel.get('requested')}: {parallel.get('reason')}"
+    if "all_reduce_us" in parallel:
+        line += f"; all-reduce {parallel['all_reduce_us']} us, {parallel.get('bandwidth_mb_s')} MB/s"
+    return line + ")"
 
 
 def health(url: str) -> tuple[int, str]:

@@ -39,7 +39,9 @@ from distributed.world import all_gather_json
 
 log = logging.getLogger(__name__)
 
-SMALL_REPEATS = 20  # small all-reduces timed (their median is the round trip)
+# Small all-reduces timed. The round trip is their lower quartile: a link's delay shows
+# in every one of them, a moment another process held a rank's core only in some.
+SMALL_REPEATS = 40
 LARGE_BYTES = 4 * 2**20  # a large all-reduce, for the link's bandwidth
 LARGE_REPEATS = 3
 LAYER_REPEATS = 5  # decode steps of one layer timed (median)
@@ -111,7 +113,7 @@ def measure(world: mx.distributed.Group, skeleton: nn.Module, model: str, path: 
 
 
 def time_link(world: mx.distributed.Group, hidden_size: int, dtype: mx.Dtype) -> dict:
-    """A one-token hidden state's all-reduce round trip (median), and a large one's bandwidth."""
+    """A one-token hidden state's all-reduce round trip, and a large one's bandwidth."""
     small = mx.ones((1, 1, hidden_size), dtype=dtype)
     large = mx.ones((LARGE_BYTES // 4,), dtype=mx.float32)
     mx.eval(small, large)
@@ -120,7 +122,7 @@ def time_link(world: mx.distributed.Group, hidden_size: int, dtype: mx.Dtype) ->
         start = time.perf_counter()
         mx.eval(mx.distributed.all_sum(small, group=world))
         times.append(time.perf_counter() - start)
-    small_s = statistics.median(times[3:])
+    small_s = statistics.quantiles(times[3:], n=4)[0]
     mx.eval(mx.distributed.all_sum(large, group=world))
     start = time.perf_counter()
     for _ in range(LARGE_REPEATS):
