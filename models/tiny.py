@@ -276,14 +276,17 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def make_tiny_model(arch: str, out_dir: Path, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write an mlx-lm model directory for `arch` into out_dir and return it."""
+def make_tiny_model(
+    arch: str, out_dir: Path, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32", **sizes: int
+) -> Path:
+    """Write an mlx-lm model directory for `arch` into out_dir and return it; `sizes` as
+    for model_config."""
     if arch == "gemma3_text" and num_layers < _ARCH_CONFIG[arch]["sliding_window_pattern"]:
         raise ValueError("gemma3_text needs num_layers >= sliding_window_pattern (3)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = model_config(arch, num_layers, dtype)
-    weights = random_weights(arch, num_layers=num_layers, seed=seed, dtype=dtype)
+    config = model_config(arch, num_layers, dtype, **sizes)
+    weights = random_weights(arch, num_layers=num_layers, seed=seed, dtype=dtype, **sizes)
     _write_json(out_dir / "config.json", config)
     _write_weights(weights, out_dir, num_layers)
     _write_tokenizer(out_dir)

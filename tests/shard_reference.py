@@ -8,7 +8,7 @@ prints a JSON object: for each model directory, the token ids of each prompt.
     python tests/shard_reference.py JOBS_JSON
 
 JOBS_JSON: {"models": [dir, ...], "prompts": [{"text": str, "chat": bool}, ...],
-"max_tokens": int, "prefill_step_size": int}
+"max_tokens": int, "prefill_step_size": int, "kwargs": {more arguments of generate_step}}
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> int:
         for prompt in jobs["prompts"]:
             ids, tokens = prompt_ids(tokenizer, prompt), []
             steps = generate_step(mx.array(ids), model, max_tokens=jobs["max_tokens"],
-                                  prefill_step_size=jobs["prefill_step_size"])
+                                  prefill_step_size=jobs["prefill_step_size"], **jobs.get("kwargs", {}))
             for token, _ in steps:
                 if token in tokenizer.eos_token_ids:
                     break

@@ -1,0 +1,137 @@
+"""PARALLEL=tensor on real ranks: every rank holds 1/N of every layer.
+
+Outputs are compared with mlx-lm's own tensor parallelism (`model.shard(group)`, run by
+tests/shard_reference.py under the same launcher and world size), token for token: one
+process would sum the all-reduced parts in another order, so its bits differ.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import PROMPT, PYTHON, REPO, generate_json, launch_command, rank_env, run_launch, run_ranks
+
+from test_api import ring_and_api
+from test_batching import _chat, _heartbeat, _text
+
+from models.tiny import make_tiny_model
+
+MAX_TOKENS = 24
+CHUNKED = {"PREFILL_STEP_SIZE": "16"}
+ARCHS = ("llama", "qwen2", "qwen3")
+LAUNCHES = [(2, "mpi"), (2, "ring")]
+
+
+@lru_cache(maxsize=None)
+def _shard_reference(ranks: int, backend: str, jobs: str) -> dict:
+    """mlx-lm's `model.shard()` run on `ranks` ranks of `backend`: {model: [ids per prompt]}."""
+    command = launch_command(ranks, backend, [])[:-1]  # the launcher, without server.py
+    command += [str(REPO / "tests" / "shard_reference.py"), jobs]
+    proc = run_launch(command, rank_env({}), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def shard_reference(ranks: int, backend: str, models: list[Path], prompts: list[dict], max_tokens: int,
+                    prefill_step_size: int = 16, **kwargs) -> dict[str, list[list[int]]]:
+    jobs = {"models": [str(m) for m in models], "prompts": prompts, "max_tokens": max_tokens,
+            "prefill_step_size": prefill_step_size, "kwargs": kwargs}
+    return _shard_reference(ranks, backend, json.dumps(jobs))
+
+
+def expected_parameter_bytes(path: Path, rank: int, ranks: int) -> int:
+    """Bytes of rank `rank`'s part of the checkpoint: 1/N of each layer's projections (their
+    output rows, or input columns for o_proj and down_proj, whose bias is whole), the
+    norms, the embedding and, on rank 0, the whole untied head, elsewhere its 1/N."""
+    tensors = {}
+    for file in path.glob("*.safetensors"):
+        tensors.update(mx.load(str(file)))
+    total = 0
+    for name, value in tensors.items():
+        split = name.endswith("proj.weight") or (name.endswith("proj.bias") and "o_proj" not in name
+                                                   and "down_proj" not in name)
+        split = split or (name.startswith("lm_head.") and rank > 0)
+        total += value.nbytes // ranks if split else value.nbytes
+    return total
+
+
+@pytest.mark.parametrize("ranks,backend", LAUNCHES, ids=lambda v: str(v))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensor_matches_mlx_lm_shard(tiny_models, arch, ranks, backend):
+    models = [tiny_models[a] for a in ARCHS]
+    expected = shard_reference(ranks, backend, models, [{"text": PROMPT, "chat": False}], MAX_TOKENS)
+    path = tiny_models[arch]
+    settings = {"MODEL_REPO": str(path), "PARALLEL": "tensor"} | CHUNKED
+    out = generate_json(ranks, backend, settings, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)])
+    assert out["token_ids"] == expected[str(path)][0]
+    assert out["parallel"]["mode"] == "tensor"
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    for r in out["ranks"]:
+        assert r["layers"] == [0, layers] and r["shard"] == [r["rank"], ranks]
+        assert r["parameter_bytes"] == expected_parameter_bytes(path, r["rank"], ranks)
+
+
+def test_kv_bits_in_tensor_mode_match_mlx_lm_shard(tmp_path):
+    # Heads of 32 dimensions: KV_GROUP_SIZE is at least 32.
+    path = make_tiny_model("qwen2", tmp_path / "qwen2", hidden_size=128, head_dim=32)
+    quantized = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 8}
+    expected = shard_reference(2, "mpi", [path], [{"text": PROMPT, "chat": False}], MAX_TOKENS, **quantized)
+    settings = {"MODEL_REPO": str(path), "PARALLEL": "tensor", "KV_BITS": "4", "KV_GROUP_SIZE": "32",
+                "QUANTIZED_KV_START": "8"} | CHUNKED
+    out = generate_json(2, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)])
+    assert out["token_ids"] == expected[str(path)][0]
+
+
+def test_auto_picks_tensor_on_mpi(tiny_models):
+    out = generate_json(2, "mpi", {"MODEL_REPO": str(tiny_models["llama"])}, ["--prompt", "hi", "--max-tokens", "2"])
+    parallel = out["parallel"]
+    assert parallel["requested"] == "auto" and parallel["mode"] == "tensor", parallel
+    assert parallel["token_ms"]["tensor"] < parallel["token_ms"]["pipeline"]
+    assert parallel["all_reduce_us"] > 0 and parallel["layer_ms"] > 0
+
+
+def test_a_model_without_shard(tiny_models):
+    """gemma3_text has no shard(): tensor mode refuses it naming the reason, auto runs the pipeline."""
+    settings = {"MODEL_REPO": str(tiny_models["gemma3_text"])}
+    proc = run_ranks(2, "mpi", settings | {"PARALLEL": "tensor"}, ["--prompt", "hi", "--max-tokens", "2"])
+    assert proc.returncode != 0
+    assert "PARALLEL=tensor: mlx-lm's 'gemma3_text' model defines no shard()" in proc.stderr
+    out = generate_json(2, "mpi", settings, ["--prompt", "hi", "--max-tokens", "2"])
+    assert out["parallel"]["mode"] == "pipeline" and "no shard()" in out["parallel"]["reason"]
+    assert [r["layers"] for r in out["ranks"]] == [[0, 3], [3, 6]]
+
+
+# Requests that start while others run, through the API and the spool.
+JOINING = [
+    ("Tell me about the harbour town of Wexley and its old fishing fleet.", 60, 0.0),
+    ("Hi", 40, 0.05),
+    ("Why is the sea salty? " * 4, 50, 0.1),
+    ("One word.", 7, 0.2),
+]
+
+
+def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    prompts = [{"text": c, "chat": True} for c, _, _ in JOINING]
+    expected = shard_reference(2, "mpi", [model], prompts, max(n for _, n, _ in JOINING))[str(model)]
+    with ring_and_api(model, tmp_path / "spool", 2, PARALLEL="tensor", **CHUNKED) as (api, _):
+        beat = _heartbeat(api)
+        assert beat["parallel"]["mode"] == "tensor" and [r["shard"] for r in beat["ranks"]] == [[0, 2], [1, 2]]
+        for round_ in range(2):  # the second time from the prompt cache
+            with ThreadPoolExecutor(len(JOINING)) as pool:
+                futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d)
+                           for c, n, d in JOINING]
+                replies = [f.result() for f in futures]
+            for (content, max_tokens, _), reply, tokens in zip(JOINING, replies, expected):
+                tokens = tokens[:max_tokens]
+                assert reply["text"] == _text(model, tokens), (round_, content)
+                assert reply["finish_reason"] == ("length" if len(tokens) == max_tokens else "stop")
+            assert _heartbeat(api)["peak_active"] >= 3  # they really ran together
+    # The second time, all but the last prompt token came from the prompt cache.
+    assert [r["usage"].prompt_tokens_details.cached_tokens for r in replies] == \
+        [r["usage"].prompt_tokens - 1 for r in replies]
