@@ -28,7 +28,9 @@ from bench.ring import mpi_command  # noqa: E402
 from models.tiny import ARCHITECTURES, make_tiny_model  # noqa: E402
 
 PYTHON = sys.executable
-MLX_LAUNCH = str(Path(PYTHON).parent / "mlx.launch")
+# mlx.launch without its busy I/O loop, as launch.sh runs it: the stock one spins a core,
+# which ranks that busy-poll their collectives (tensor parallelism) need on 2 cores.
+MLX_LAUNCH = [PYTHON, str(REPO / "launch_helper.py"), "mlx-launch"]
 
 # A prompt longer than gemma3's 16-token window and two 16-token prefill chunks.
 PROMPT = (
@@ -75,7 +77,7 @@ def launch_command(ranks: int, backend: str, args: list[str]) -> list[str]:
     if backend == "mpi":
         # Local MPI ranks inherit mpirun's environment.
         return mpi_command(ranks, *server)
-    return [MLX_LAUNCH, "-n", str(ranks), "--backend", backend, "--", *server]
+    return [*MLX_LAUNCH, "-n", str(ranks), "--backend", backend, "--", *server]
 
 
 def run_ranks(
