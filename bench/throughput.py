@@ -42,7 +42,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
+import httpx
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,20 +254,24 @@ def summaries(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     return {system: {n: summarize(batches) for n, batches in run["batches"].items()} for system, run in runs.items()}
 
 
-def measure(system: str, args: argparse.Namespace, logs: Path) -> dict:
-    """Start `system`, warm it up, run every stream count for every round, stop it.
-    Returns the batches by stream count and the share of the machine's CPU other
-    processes used during the kept batches (the machine is shared: a high share taints them)."""
+def measure(system: str, args: argparse.Namespace, logs: Path, launcher: Callable = launch,
+            label: str | None = None) -> dict:
+    """Start `system` with `launcher` (`launch`'s signature), warm it up, run every stream
+    count for every round, stop it. Returns the batches by stream count, the share of the
+    machine's CPU other processes used during the kept batches (the machine is shared: a
+    high share taints them), and what its /health said once up."""
     share = wait_quiet(args.wait_quiet)
     if share > QUIET_SHARE:
         print(f"[{system}] the machine is still {100 * share:.0f}% busy after {args.wait_quiet:.0f} s; "
               "measuring anyway", flush=True)
     spool = Path(tempfile.mkdtemp(prefix="mlx-ring-throughput-"))
     began = time.perf_counter()
-    print(f"[{system}] starting {SYSTEMS[system][0]} on {SYSTEMS[system][1]} rank(s)", flush=True)
-    procs, port, model = launch(system, args, logs, spool)
+    label = label or f"{SYSTEMS[system][0]} on {SYSTEMS[system][1]} rank(s)"
+    print(f"[{system}] starting {label}", flush=True)
+    procs, port, model = launcher(system, args, logs, spool)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", procs=tuple(procs))
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
         pids = python_pids(procs)
         with_openblas = sum(openblas_loaded(pid) for pid in pids)
         print(f"[{system}] up in {time.perf_counter() - began:.1f} s; OpenBLAS loaded in "
@@ -303,7 +309,7 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> dict:
         shutdown(procs, port)
         shutil.rmtree(spool, ignore_errors=True)
     print(f"[{system}] stopped; {time.perf_counter() - began:.0f} s in all", flush=True)
-    return {"batches": samples, "other_cpu": others}
+    return {"batches": samples, "other_cpu": others, "health": health}
 
 
 def merge_runs(kept: dict | None, new: dict) -> dict:
@@ -313,7 +319,7 @@ def merge_runs(kept: dict | None, new: dict) -> dict:
     batches = {n: kept["batches"][n] + new["batches"][n] for n in new["batches"]}
     walls = [sum(b["wall"] for bs in run["batches"].values() for b in bs) for run in (kept, new)]
     others = (kept["other_cpu"] * walls[0] + new["other_cpu"] * walls[1]) / sum(walls)
-    return {"batches": batches, "other_cpu": others}
+    return {"batches": batches, "other_cpu": others, "health": new["health"]}
 
 
 def table(results: dict[str, dict[int, dict]], streams: list[int]) -> str:
