@@ -49,7 +49,7 @@ def run_baseline(model: str, tokens: int) -> float:
 
 def run_pipeline(model: str, tokens: int, ranks: int) -> float:
     cmd = mpi_ranks(ranks, "--prompt", PROMPT, "--chat", "--max-tokens", str(tokens), "--json")
-    out = subprocess.run(cmd, env=bench_env(model), capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=bench_env(model, PARALLEL="pipeline"), capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if len(result["token_ids"]) < tokens:
         raise SystemExit(f"the pipeline stopped after {len(result['token_ids'])} tokens; use a longer prompt")

@@ -62,9 +62,12 @@ SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
 def rank_env(extra: dict[str, str]) -> dict[str, str]:
-    """The environment for ranks: no developer `.env`, plus `extra`."""
+    """The environment for ranks: no developer `.env`, the pipeline unless `extra` says
+    otherwise (most tests compare it with one mlx-lm process; tensor parallelism's own
+    tests compare with mlx-lm's), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
     env["MLX_RING_ENV_FILE"] = os.devnull
+    env["PARALLEL"] = "pipeline"
     env.update(extra)
     return env
 

@@ -88,7 +88,8 @@ def test_kv_bits_in_tensor_mode_match_mlx_lm_shard(tmp_path):
 
 
 def test_auto_picks_tensor_on_mpi(tiny_models):
-    out = generate_json(2, "mpi", {"MODEL_REPO": str(tiny_models["llama"])}, ["--prompt", "hi", "--max-tokens", "2"])
+    settings = {"MODEL_REPO": str(tiny_models["llama"]), "PARALLEL": "auto"}
+    out = generate_json(2, "mpi", settings, ["--prompt", "hi", "--max-tokens", "2"])
     parallel = out["parallel"]
     assert parallel["requested"] == "auto" and parallel["mode"] == "tensor", parallel
     assert parallel["token_ms"]["tensor"] < parallel["token_ms"]["pipeline"]
@@ -101,7 +102,7 @@ def test_a_model_without_shard(tiny_models):
     proc = run_ranks(2, "mpi", settings | {"PARALLEL": "tensor"}, ["--prompt", "hi", "--max-tokens", "2"])
     assert proc.returncode != 0
     assert "PARALLEL=tensor: mlx-lm's 'gemma3_text' model defines no shard()" in proc.stderr
-    out = generate_json(2, "mpi", settings, ["--prompt", "hi", "--max-tokens", "2"])
+    out = generate_json(2, "mpi", settings | {"PARALLEL": "auto"}, ["--prompt", "hi", "--max-tokens", "2"])
     assert out["parallel"]["mode"] == "pipeline" and "no shard()" in out["parallel"]["reason"]
     assert [r["layers"] for r in out["ranks"]] == [[0, 3], [3, 6]]
 
