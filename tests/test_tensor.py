@@ -8,10 +8,12 @@ process would sum the all-reduced parts in another order, so its bits differ.
 from __future__ import annotations
 
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
 from conftest import PROMPT, PYTHON, REPO, generate_json, launch_command, rank_env, run_launch, run_ranks
@@ -76,6 +78,16 @@ def test_tensor_matches_mlx_lm_shard(tiny_models, arch, ranks, backend):
         assert r["parameter_bytes"] == expected_parameter_bytes(path, r["rank"], ranks)
 
 
+def test_four_ranks_match_mlx_lm_shard(tmp_path):
+    # Four key-value heads, one per rank (mlx-lm's shard() splits them too).
+    path = make_tiny_model("llama", tmp_path / "llama", num_key_value_heads=4)
+    expected = shard_reference(4, "mpi", [path], [{"text": PROMPT, "chat": False}], MAX_TOKENS)
+    settings = {"MODEL_REPO": str(path), "PARALLEL": "tensor"} | CHUNKED
+    out = generate_json(4, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)])
+    assert out["token_ids"] == expected[str(path)][0]
+    assert [r["parameter_bytes"] for r in out["ranks"]] == [expected_parameter_bytes(path, r, 4) for r in range(4)]
+
+
 def test_kv_bits_in_tensor_mode_match_mlx_lm_shard(tmp_path):
     # Heads of 32 dimensions: KV_GROUP_SIZE is at least 32.
     path = make_tiny_model("qwen2", tmp_path / "qwen2", hidden_size=128, head_dim=32)
@@ -121,8 +133,8 @@ def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
     prompts = [{"text": c, "chat": True} for c, _, _ in JOINING]
     expected = shard_reference(2, "mpi", [model], prompts, max(n for _, n, _ in JOINING))[str(model)]
     with ring_and_api(model, tmp_path / "spool", 2, PARALLEL="tensor", **CHUNKED) as (api, _):
-        beat = _heartbeat(api)
-        assert beat["parallel"]["mode"] == "tensor" and [r["shard"] for r in beat["ranks"]] == [[0, 2], [1, 2]]
+        health = httpx.get(f"{api.url}/health").json()
+        assert health["parallel"]["mode"] == "tensor" and [r["shard"] for r in health["ranks"]] == [[0, 2], [1, 2]]
         for round_ in range(2):  # the second time from the prompt cache
             with ThreadPoolExecutor(len(JOINING)) as pool:
                 futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d)
@@ -136,3 +148,23 @@ def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
     # The second time, all but the last prompt token came from the prompt cache.
     assert [r["usage"].prompt_tokens_details.cached_tokens for r in replies] == \
         [r["usage"].prompt_tokens - 1 for r in replies]
+
+
+def test_status_shows_the_mode_and_each_ranks_shard(tmp_path):
+    """What ./launch.sh status prints comes from launch_helper.py's reading of the heartbeat."""
+    from spool import Spool
+
+    parallel = {"mode": "tensor", "requested": "auto", "reason": "estimated 1.0 ms a token split by tensor, "
+                "2.0 ms by pipeline", "all_reduce_us": 15.0, "bandwidth_mb_s": 3000.0}
+    ranks = [{"rank": r, "pid": 100 + r, "layers": [0, 6], "shard": [r, 2], "memory": 2**30, "host": "h",
+              "blas": "openblas /lib"} for r in range(2)]
+    Spool(tmp_path).write_heartbeat({"state": "ready", "parallel": parallel, "ranks": ranks})
+    proc = subprocess.run([PYTHON, str(REPO / "launch_helper.py"), "heartbeat", str(tmp_path)], capture_output=True,
+                          text=True, check=True)
+    shell = subprocess.run(["bash", "-c", 'eval "$1"; echo "$hb_mode|$hb_parallel"; printf "%s\\n" "${hb_ranks[@]}"',
+                            "-", proc.stdout], capture_output=True, text=True, check=True)
+    mode, rows = shell.stdout.split("\n", 1)
+    assert mode == ("tensor|tensor (PARALLEL=auto: estimated 1.0 ms a token split by tensor, 2.0 ms by pipeline; "
+                    "all-reduce 15.0 us, 3000.0 MB/s)")
+    assert rows.split() == ["0", "100", "0-5", "1.0GiB", "h", "openblas", "1/2",
+                            "1", "101", "0-5", "1.0GiB", "h", "openblas", "2/2"]
