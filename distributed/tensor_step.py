@@ -36,8 +36,8 @@ class TensorPipeline(Pipeline):
         tensor_head(self.model).shared = sample and ids.shape[0] == 1
         target, out = self.forward(batch, ids)
         if not sample:
-            # Prefill: the caches are the output, as in mlx-lm; a token's worth of
-            # zeros stands for the tokens such a step has none of.
+            # Prefill: the caches are the output, as in mlx-lm. The scheduler reads a
+            # step's last array as its tokens; a prefill has none, so zeros stand in.
             return StepWork([target.cache.state, mx.zeros((ids.shape[0],), dtype=mx.int32)])
         if self.stage.is_first:
             return StepWork([self.sample(target, out)])
