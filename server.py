@@ -94,7 +94,13 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
         return 2
     finally:
         cluster.scheduler.shutdown()
-    text = tokenizer.decode(tokens)
+    # mlx-lm's streaming detokenizer, as for served requests: `decode` may differ (spaces).
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    text = detokenizer.text
     if args.json:
         timings = {
             "prompt_tokens": len(prompt),
@@ -164,8 +170,8 @@ class Serving:
                 "active": len(self.replies),
                 "peak_active": self.peak_active,
                 "micro_batches": self.scheduler.max_in_flight,
-                "kv_capacity_tokens": self.scheduler.limits.kv_capacity,
-                "kv_reserved_tokens": self.scheduler.reserved,
+                "kv_capacity_bytes": self.scheduler.limits.kv_capacity,
+                "kv_reserved_bytes": self.scheduler.reserved,
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
                 "ranks": self.cluster.ranks,
             }

@@ -12,23 +12,19 @@ import mlx.core as mx
 from config import Settings
 from distributed.doorbell import connect, listen, rank_addresses
 from distributed.group import all_gather_json, rank_record
-from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
+from distributed.kv_cache import (
+    KVFootprint, KVSettings, batching_refusal, check_kv_bits, measure_footprint, prefix_refusal, tokens_capacity,
+)
+from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_anatomy
 from distributed.pipeline import Limits, Pipeline
 from distributed.scheduler import Scheduler
+from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
 from distributed.split import plan_split
-from distributed.shard import (
-    Stage,
-    count_layers,
-    hidden_dtype,
-    load_stage,
-    load_stage_tokenizer,
-    local_layers,
-    local_model_path,
-    parameter_bytes,
-)
 from models import resolve_model
 
 log = logging.getLogger(__name__)
+
+ERROR_CHARS = 300  # of a rank's error, shared in its start record (RECORD_BYTES in all)
 
 
 @dataclass
@@ -65,41 +61,49 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     rank, size = group.rank(), group.size()
     model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
     path = local_model_path(model_ref)
-    num_layers = count_layers(path)
+    plan = plan_anatomy(path)
     records = all_gather_json(group, rank_record(rank))
-    bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
+    bounds = plan_split(settings.layer_split, plan.count, [r["memory"] for r in records])
     stage = Stage(rank, size, *bounds[rank])
-    log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
-    model, config = load_stage(model_ref, stage, group, path)
-
+    log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
+    # Off the ring until the checks that evaluate the stage are done.
+    model, config, _ = load_stage(model_ref, stage, NO_HOPS, path, plan)
     kv = kv_settings(settings)
-    per_token = kv_bytes_per_token(
-        local_layers(model, stage), model.args.hidden_size, hidden_dtype(model)
-    )
+    footprint = measure_footprint(model, stage.start, stage.end, kv)
+    kv_bits_error = check_kv_bits(model, stage.start, stage.end, kv)
+    attach_hops(model, ring_hops(stage, group))
+
     addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
     listener = listen(addresses[rank]) if size > 1 else None
     record = rank_record(rank) | {
         "layers": [stage.start, stage.end],
         "parameter_bytes": parameter_bytes(model),
-        "kv_bytes_per_token": per_token,
+        "kv_footprint": footprint.to_json(),
+        "kv_bits_error": kv_bits_error and kv_bits_error[:ERROR_CHARS],
         "doorbell": listener.getsockname()[1] if listener else None,
     }
     ranks = all_gather_json(group, record)
+    # Every rank fails alike where one cannot use KV_BITS.
+    for r in ranks:
+        if r["kv_bits_error"]:
+            raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
+                             f"a quantized step of layers {r['layers'][0]}-{r['layers'][1] - 1} failed "
+                             f"({r['kv_bits_error']})")
     bell = None
     if listener is not None:
         peer = stage.next_rank
         bell = connect(listener, (addresses[peer], ranks[peer]["doorbell"]), rank, stage.prev_rank)
-    largest = max(r["kv_bytes_per_token"] for r in ranks)
-    limits = Limits(
-        settings.max_sequence_length,
-        token_capacity(settings.kv_cache_reserved_memory_mb * 2**20, largest),
-        kv,
-    )
-    log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
+    footprints = tuple(KVFootprint.from_json(r["kv_footprint"]) for r in ranks)
+    limits = Limits(settings.max_sequence_length, settings.kv_cache_reserved_memory_mb * 2**20, footprints)
+    log.info("ring ready: %d ranks, KV cache per rank: %s", size, ", ".join(map(str, footprints)))
     pipeline = Pipeline(model, stage, group, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
-        prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
+        for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
+            if why:
+                log.info("%s off: %s", what, why)
+        largest = max(f.per_token for f in footprints)
+        prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),

@@ -22,9 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from distributed.doorbell import Doorbell
-from distributed.kv_cache import KVSettings, StageCache, restore, tokens_reserved
+from distributed.kv_cache import KVFootprint, KVSettings, StageCache, restore
 from distributed.sampling import SamplingParams, TokenSampler
-from distributed.shard import Stage, shared_head
+from distributed.shard import Stage, logits_shape, sending_layer, shared_head
 
 OP_STOP, OP_START, OP_STEP, OP_MERGE, OP_PREPARE, OP_LEAVE, OP_EVICT = range(7)
 
@@ -91,16 +91,17 @@ class Group:
 
 @dataclass(frozen=True)
 class Limits:
-    """Token limits: MAX_SEQUENCE_LENGTH per sequence, and the KV tokens that
-    KV_CACHE_RESERVED_MEMORY_MB holds on the tightest rank, for all active
-    sequences together."""
+    """MAX_SEQUENCE_LENGTH per sequence, and the KV cache bytes KV_CACHE_RESERVED_MEMORY_MB
+    gives each rank for all active sequences together; `footprints` are each rank's
+    caches' cost (see `KVFootprint`)."""
 
     max_sequence_length: int
     kv_capacity: int
-    kv: KVSettings = KVSettings()
+    footprints: tuple[KVFootprint, ...] = (KVFootprint(),)
 
     def reserve(self, prompt_tokens: int, max_tokens: int) -> int:
-        """KV tokens a sequence needs; refuses work that could never run."""
+        """KV bytes a sequence needs on the rank where it needs most; refuses work that
+        could never run."""
         total = prompt_tokens + max_tokens
         if prompt_tokens < 1:
             raise RequestError("the prompt has no tokens", "invalid_prompt")
@@ -110,11 +111,11 @@ class Limits:
                 f"to generate) but MAX_SEQUENCE_LENGTH is {self.max_sequence_length}",
                 "context_length_exceeded",
             )
-        need = tokens_reserved(total, self.kv)
+        need = max(f.bytes_for(total) for f in self.footprints)
         if need > self.kv_capacity:
             raise RequestError(
-                f"this request needs {need} tokens of KV cache but "
-                f"KV_CACHE_RESERVED_MEMORY_MB holds {self.kv_capacity} tokens",
+                f"this request needs {need / 2**20:.1f} MiB of KV cache per rank but "
+                f"KV_CACHE_RESERVED_MEMORY_MB is {self.kv_capacity / 2**20:.1f}",
                 "kv_cache_exceeded",
             )
         return need
@@ -136,7 +137,8 @@ class Pipeline:
         self.group = group
         self.kv = kv
         self.bell = bell  # None on a single rank
-        self.head = shared_head(model)  # rank 0 and the last rank of a ring
+        self.head = shared_head(model)  # rank 0 and the last rank of a ring, if it may be shared
+        self.vocab, self.logits_dtype = logits_shape(model)
         self.groups: dict[int, Group] = {}
         self.stored: dict[int, list] = {}
         # Rank 0: started steps whose output is not sent yet, each with the number of
@@ -236,7 +238,7 @@ class Pipeline:
         if share:
             hidden = self._receive_array((rows, 1, head.hidden_size), head.input_dtype)
             results.append(head.logits(hidden, 0, start))
-        logits = self._receive_array((rows, 1, head.vocab - start), head.logits_dtype)
+        logits = self._receive_array((rows, 1, self.vocab - start), self.logits_dtype)
         if share:
             logits = mx.concatenate([results[0], logits], axis=-1)
         return results + [self.sample(target, logits)]
@@ -318,8 +320,7 @@ class Pipeline:
         # arrays as `state`, and the next step's update rewrites those in place, so
         # a step started in the background must not name them.
         if not self.stage.is_last:
-            sender = self.model.model.layers[self.stage.end - 1]
-            return StepWork([sender.sending], out)
+            return StepWork([sending_layer(self.model).sending], out)
         if sample and self.stage.size == 1:
             return StepWork([self.sample(target, out)])
         if sample:

@@ -268,8 +268,9 @@ class Scheduler:
             sample = False
         ring = self.pipeline.stage.size > 1
         # Exactly one row: its half-head logits are the same bits as the whole
-        # head's, which a BLAS may not give for a batch split across ranks.
-        share = ring and sample and len(batch.members) == 1
+        # head's, which a BLAS may not give for a batch split across ranks. Only
+        # where the head's output is the logits (no softcap or scale after it).
+        share = ring and sample and len(batch.members) == 1 and self.pipeline.head is not None
         flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
         self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
