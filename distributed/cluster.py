@@ -12,19 +12,21 @@ import mlx.core as mx
 from config import Settings
 from distributed.doorbell import connect, listen, rank_addresses
 from distributed.group import all_gather_json, rank_record
+from distributed.anatomy import Anatomy
 from distributed.kv_cache import (
-    KVFootprint, KVSettings, batching_refusal, check_kv_bits, measure_footprint, prefix_refusal, tokens_capacity,
+    KVFootprint, KVSettings, batching_refusal, prefix_refusal, refuse_batching, tokens_capacity,
 )
 from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_anatomy
 from distributed.pipeline import Limits, Pipeline
 from distributed.scheduler import Scheduler
 from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
+from distributed.stage_checks import check_batching, check_kv_bits, measure_footprint
 from distributed.split import plan_split
 from models import resolve_model
 
 log = logging.getLogger(__name__)
 
-ERROR_CHARS = 300  # of a rank's error, shared in its start record (RECORD_BYTES in all)
+ERROR_CHARS = 240  # of a rank's error or refusal, shared in its start record (RECORD_BYTES in all)
 
 
 @dataclass
@@ -56,6 +58,20 @@ def micro_batches(settings: Settings, ranks: list[dict]) -> int:
     return min(settings.micro_batches or machines, len(ranks))
 
 
+def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, stage: Stage) -> tuple:
+    """This rank's stage, loaded and checked off the ring: the model, its config, its
+    caches' footprint, and why sequences cannot share batches here (None if they can).
+    ValueError if the stage cannot run as set."""
+    model, config, _ = load_stage(model_ref, stage, NO_HOPS, path, plan)
+    kv = kv_settings(settings)
+    failed = check_kv_bits(model, stage.start, stage.end, kv)
+    if failed:
+        raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
+                         f"a quantized step of layers {stage.start}-{stage.end - 1} failed ({failed})")
+    footprint = measure_footprint(model, stage.start, stage.end, kv)
+    return model, config, footprint, check_batching(model, stage.start, stage.end, kv)
+
+
 def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
     rank, size = group.rank(), group.size()
@@ -66,29 +82,24 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     bounds = plan_split(settings.layer_split, plan.count, [r["memory"] for r in records])
     stage = Stage(rank, size, *bounds[rank])
     log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
-    # Off the ring until the checks that evaluate the stage are done.
-    model, config, _ = load_stage(model_ref, stage, NO_HOPS, path, plan)
-    kv = kv_settings(settings)
-    footprint = measure_footprint(model, stage.start, stage.end, kv)
-    kv_bits_error = check_kv_bits(model, stage.start, stage.end, kv)
-    attach_hops(model, ring_hops(stage, group))
-
+    record = rank_record(rank) | {"layers": [stage.start, stage.end]}
+    failure: Optional[ValueError] = None
+    try:
+        model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage)
+        record |= {"parameter_bytes": parameter_bytes(model), "kv_footprint": footprint.to_json(),
+                   "batching_refusal": batching and batching[:ERROR_CHARS]}
+    except ValueError as err:
+        # Every rank fails alike: the others are waiting for this rank's record.
+        record["error"] = str(err)[:ERROR_CHARS]
+        failure = err
     addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
-    listener = listen(addresses[rank]) if size > 1 else None
-    record = rank_record(rank) | {
-        "layers": [stage.start, stage.end],
-        "parameter_bytes": parameter_bytes(model),
-        "kv_footprint": footprint.to_json(),
-        "kv_bits_error": kv_bits_error and kv_bits_error[:ERROR_CHARS],
-        "doorbell": listener.getsockname()[1] if listener else None,
-    }
+    listener = listen(addresses[rank]) if size > 1 and failure is None else None
+    record["doorbell"] = listener.getsockname()[1] if listener else None
     ranks = all_gather_json(group, record)
-    # Every rank fails alike where one cannot use KV_BITS.
     for r in ranks:
-        if r["kv_bits_error"]:
-            raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
-                             f"a quantized step of layers {r['layers'][0]}-{r['layers'][1] - 1} failed "
-                             f"({r['kv_bits_error']})")
+        if "error" in r:
+            raise failure or ValueError(f"rank {r['rank']}: {r['error']}")
+    attach_hops(model, ring_hops(stage, group))
     bell = None
     if listener is not None:
         peer = stage.next_rank
@@ -96,6 +107,9 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     footprints = tuple(KVFootprint.from_json(r["kv_footprint"]) for r in ranks)
     limits = Limits(settings.max_sequence_length, settings.kv_cache_reserved_memory_mb * 2**20, footprints)
     log.info("ring ready: %d ranks, KV cache per rank: %s", size, ", ".join(map(str, footprints)))
+    # Batching is off ring-wide where any rank's check refused it: rank 0 groups for all.
+    refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
+    kv = kv_settings(settings)
     pipeline = Pipeline(model, stage, group, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:

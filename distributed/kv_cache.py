@@ -103,11 +103,17 @@ def _advance(cache: Any, rows: int, tokens: int) -> None:
     if isinstance(cache, CacheList):
         for c in cache.caches:
             _advance(c, rows, tokens)
-    elif hasattr(cache, "update_and_fetch") and hasattr(cache, "keys"):
+    else:
         empty = mx.zeros((rows, 1, tokens, 1))
         cache.update_and_fetch(empty, empty)
-    elif hasattr(cache, "advance"):
-        cache.advance(tokens)
+
+
+def _counts_tokens(cache: Any) -> bool:
+    """Whether a cache keeps a token count (an offset) that code outside the layers may
+    read; a recurrent state does not, and a shadow of it would be a batch of nothing."""
+    if isinstance(cache, CacheList):
+        return all(_counts_tokens(c) for c in cache.caches)
+    return hasattr(cache, "update_and_fetch")
 
 
 class StageCache:
@@ -117,8 +123,8 @@ class StageCache:
     The forward pass builds attention masks from the cache of some layer, which
     may be held by another rank. That slot points at a local cache of the same
     kind: all layers of a kind see the same tokens, so the mask comes out right.
-    For a kind no local layer has, one `Shadow` cache stands in (after the layers'
-    own in `local`). `local` given: stored caches, shadows included, to start from.
+    For a kind no local layer has that counts tokens, one `Shadow` cache stands in
+    (after the layers' own in `local`); for others, a cache no step touches. `local` given: stored caches, shadows included, to start from.
     """
 
     def __init__(
@@ -131,18 +137,19 @@ class StageCache:
         by_kind: dict[tuple, int] = {}
         for i, c in enumerate(held):
             by_kind.setdefault(_kind(c), i)
-        self.slots: list[int] = []
+        self.slots: list[Any] = []  # an index into `local`, or a cache no step touches
         for i, c in enumerate(caches):
-            if not start <= i < end and _kind(c) not in by_kind:
+            if not start <= i < end and _kind(c) not in by_kind and _counts_tokens(c):
                 by_kind[_kind(c)] = len(held)
                 held.append(c)
-            self.slots.append(i - start if start <= i < end else by_kind[_kind(c)])
+            self.slots.append(i - start if start <= i < end else by_kind.get(_kind(c), c))
         self.local = held if local is None else local
 
     def view(self) -> list:
         """The cache list to pass as the model's `cache` argument."""
-        shadows = {s: Shadow(self.local[s]) for s in set(self.slots) if s >= self.layers}
-        return [shadows.get(s) or self.local[s] for s in self.slots]
+        held = {s for s in self.slots if isinstance(s, int)}
+        shadows = {s: Shadow(self.local[s]) for s in held if s >= self.layers}
+        return [shadows.get(s) or self.local[s] if isinstance(s, int) else s for s in self.slots]
 
     def maybe_quantize(self) -> None:
         """Switch full-size caches to quantized ones past QUANTIZED_KV_START tokens."""
@@ -201,11 +208,19 @@ class StageCache:
 
 
 def batching_refusal(model: nn.Module, kv: KVSettings) -> Optional[str]:
-    """Why sequences cannot share batch caches, or None when they can."""
+    """Why sequences cannot share batch caches, or None when they can: the caches'
+    kinds, or what a check at start found (`refuse_batching`)."""
     if kv.bits is not None:
         return "KV_BITS is set, and mlx-lm has no batched quantized cache"
     kinds = {type(c).__name__ for c in make_model_cache(model, kv) if not _mergeable(c)}
-    return f"mlx-lm cannot merge its {', '.join(sorted(kinds))} into a batch" if kinds else None
+    if kinds:
+        return f"mlx-lm cannot merge its {', '.join(sorted(kinds))} into a batch"
+    return getattr(model, "_batching_refusal", None)
+
+
+def refuse_batching(model: nn.Module, why: Optional[str]) -> None:
+    """Record, on the model the scheduler asks (`can_batch`), why batching is off ring-wide."""
+    object.__setattr__(model, "_batching_refusal", why)
 
 
 def can_batch(model: nn.Module, kv: KVSettings) -> bool:
@@ -259,55 +274,6 @@ class KVFootprint:
     @classmethod
     def from_json(cls, data: dict) -> "KVFootprint":
         return cls(data["per_token"], tuple(map(tuple, data["windows"])), data["fixed"])
-
-
-def _account(cache: Any, found: dict) -> None:
-    """Add one cache's bytes, after a one-token step, to `found`."""
-    if isinstance(cache, CacheList):
-        for c in cache.caches:
-            _account(c, found)
-        return
-    keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
-    if not isinstance(keys, mx.array):
-        found["fixed"] += sum(a.nbytes for _, a in tree_flatten(cache.state) if isinstance(a, mx.array))
-        return
-    # Keys and values each hold `shape[2]` token slots; MLA's differ in size.
-    per_token = keys.nbytes // keys.shape[2] + (values.nbytes // values.shape[2] if values is not None else 0)
-    window = getattr(cache, "max_size", None)
-    if getattr(cache, "chunk_size", None) is not None:
-        # A chunked cache keeps its chunk, plus the allocation it trims back from.
-        window = cache.chunk_size + ALLOCATION_STEP
-    if window is None:
-        found["per_token"] += per_token
-    else:
-        found["windows"][window] = found["windows"].get(window, 0) + per_token
-
-
-def measure_footprint(model: nn.Module, start: int, end: int, kv: KVSettings) -> KVFootprint:
-    """The footprint of layers [start, end)'s caches, read off the caches the model
-    makes after a one-token step of the stage (built, never evaluated)."""
-    cache = StageCache(model, start, end, kv)
-    model(mx.zeros((1, 1), dtype=mx.int32), cache=cache.view())
-    found = {"per_token": 0, "windows": {}, "fixed": 0}
-    for c in cache.local[: cache.layers]:
-        _account(c, found)
-    return KVFootprint(found["per_token"], tuple(sorted(found["windows"].items())), found["fixed"])
-
-
-def check_kv_bits(model: nn.Module, start: int, end: int, kv: KVSettings) -> Optional[str]:
-    """Why the stage cannot use KV_BITS, or None: a one-token step on quantized caches,
-    evaluated (the stage's hops must not reach the ring)."""
-    if kv.bits is None:
-        return None
-    cache = StageCache(model, start, end, kv)
-    step = mx.zeros((1, 1), dtype=mx.int32)
-    try:
-        mx.eval(model(step, cache=cache.view()))
-        cache.quantize()
-        mx.eval(model(step, cache=cache.view()))
-    except Exception as err:  # raised inside the model's attention, whatever it is
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 def tokens_capacity(budget_bytes: int, per_token: int) -> int:

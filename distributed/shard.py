@@ -305,14 +305,3 @@ def logits_shape(model: nn.Module) -> tuple[int, mx.Dtype]:
     """The vocabulary size and dtype of the model's logits."""
     anatomy, _ = model._ring_stage
     return anatomy.vocab, anatomy.logits_dtype
-
-
-def local_layers(model: nn.Module) -> list[nn.Module]:
-    """This stage's own decoder layers, without the ring wrappers."""
-    anatomy, stage = model._ring_stage
-    layers = []
-    for layer in layer_list(model, anatomy)[stage.start : stage.end]:
-        while isinstance(layer, _LayerWrapper):
-            layer = layer["layer"]
-        layers.append(layer)
-    return layers
