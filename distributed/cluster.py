@@ -10,6 +10,7 @@ from typing import Optional
 import mlx.core as mx
 
 from config import Settings
+from distributed.constraint import Grammars
 from distributed.doorbell import connect, listen, rank_addresses
 from distributed.world import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
@@ -104,6 +105,6 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
-            frozenset(tokenizer.eos_token_ids), vocab_size(config),
+            frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, tokenizer)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from distributed.constraint import GrammarConstraint
 from spool.protocol import SamplingParams
 
 
@@ -30,10 +31,13 @@ class TokenSampler:
         self.history = mx.array(prompt, dtype=mx.int32)
         self.seed = params.seed
         self.drawn = drawn
+        self.constraint: Optional[GrammarConstraint] = None  # set by the scheduler for a grammar
 
     def __call__(self, logits: mx.array) -> mx.array:
         """Next token (shape [1]) from the logits of the last position."""
         logits = logits[:, -1, :]
+        if self.constraint is not None:
+            logits = mx.where(self.constraint.allowed(), logits, -mx.inf)
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)

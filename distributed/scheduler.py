@@ -31,6 +31,7 @@ from distributed.limits import Limits, RequestError
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
+from distributed.constraint import Grammars
 from distributed.sampling import SamplingParams, check_sampling
 from distributed.sequence import Sequence, TokenResult
 from distributed.transport import StepWork
@@ -69,11 +70,13 @@ class Scheduler:
         micro_batches: int = 1,
         eos_token_ids: frozenset[int] = frozenset(),
         vocab_size: Optional[int] = None,
+        grammars: Optional[Grammars] = None,
     ):
         self.pipeline = pipeline
         self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
+        self.grammars = grammars
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
@@ -104,16 +107,22 @@ class Scheduler:
         """Whether a request's KV reservation fits now; RequestError if it never will."""
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0) -> int:
+    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0,
+               grammar: Optional[str] = None) -> int:
         """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
         tokens at the end of `prompt` it generated before a restart (`max_tokens`
-        counts those still to draw)."""
+        counts those still to draw); `grammar`: what its output must follow."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
-        if self.vocab_size is not None:
-            try:
+        constraint = None
+        try:
+            if self.vocab_size is not None:
                 check_sampling(params, self.vocab_size)
-            except ValueError as err:
-                raise RequestError(str(err), "invalid_sampling") from None
+            if grammar is not None:
+                constraint = self.grammars.constraint(grammar)
+                for token in prompt[len(prompt) - drawn:]:
+                    constraint.consume(token)
+        except ValueError as err:
+            raise RequestError(str(err), "invalid_sampling") from None
         reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
         seq = batch = self._next_id
         self._next_id += 1
@@ -124,8 +133,10 @@ class Scheduler:
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())
+        self.pipeline.table.batches[batch].samplers[0].constraint = constraint
         cached = reuse.tokens if reuse else 0
-        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
+        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached,
+                                       constraint=constraint)
         self.micro_batches[batch] = MicroBatch(batch, [seq])
         self._requeue(self.micro_batches[batch])
         self.reserved += reserved
@@ -304,6 +315,8 @@ class Scheduler:
             return  # waiting micro-batches take its place as decoding ones of their own
         kept = [i for i, s in enumerate(rows) if s not in done]
         joining = self._absorb(micro) if self._is_smallest(micro) else []
+        if any(self.sequences[s].constraint is not None for s in micro.members):
+            return  # a grammar's mask needs the pending tokens' values: built at launch
         parts = []
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from distributed.constraint import GrammarConstraint
+
 
 @dataclass(frozen=True)
 class TokenResult:
@@ -41,6 +43,7 @@ class Sequence:
     fed: int  # tokens the model has been given
     finished: bool = False
     left: bool = False
+    constraint: Optional[GrammarConstraint] = None  # its grammar, if its request has one
 
     @property
     def generated(self) -> int:
@@ -53,6 +56,8 @@ class Sequence:
     def draw(self, token: int, eos_token_ids: frozenset[int]) -> TokenResult:
         """Take the next token; the result says whether it ends the sequence."""
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         if token in eos_token_ids:
             return TokenResult(self.seq, token, "stop")
         return TokenResult(self.seq, token, "length" if self.reaches_length() else None)

@@ -136,7 +136,8 @@ class Serving:
             try:
                 if not self.scheduler.fits(len(prompt), request.max_tokens - len(drawn)):
                     return
-                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn))
+                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn),
+                                            request.grammar)
             except RequestError as err:
                 log.info("request %s refused: %s", request_id, err)
                 self.spool.finish(request_id, Failed(message=str(err), code=err.code, status=400))

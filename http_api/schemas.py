@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from http_api.grammar import json_grammar
 from spool.protocol import SamplingParams, Usage
 
 MAX_STOP_STRINGS = 16
@@ -40,6 +41,24 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # enforced either way
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
 class GenerationRequest(Strict):
     """Fields shared by chat and text completions. None means "the default" throughout,
     since some clients send explicit nulls. Penalties and logit_bias act as mlx-lm's
@@ -59,6 +78,7 @@ class GenerationRequest(Strict):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     n: int | None = None
     # Accepted because they cannot change the output.
     user: str | None = None
@@ -95,6 +115,15 @@ class GenerationRequest(Strict):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def grammar(self) -> str | None:
+        """What the output must follow, as a grammar for rank 0; None for free text."""
+        kind = self.response_format.type if self.response_format else "text"
+        if kind == "json_object":
+            return json_grammar({"type": "object"}, "response_format")
+        if kind == "json_schema":
+            return json_grammar(self.response_format.json_schema.json_schema, "response_format.json_schema.schema")
+        return None
 
     def sampling(self, defaults: SamplingParams) -> SamplingParams:
         """The request's sampling fields over the served model's defaults."""

@@ -73,6 +73,7 @@ class Work:
     stop: list[str]
     stream: bool
     param: str  # the request field that holds the prompt, named in errors
+    grammar: str | None = None  # what the output must follow (structured outputs, tool calls)
 
 
 ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
@@ -94,7 +95,7 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
         # Kept in the spool, so a request resumed after a ring restart draws as it would have.
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=sampling, stop=work.stop, created=int(time.time()))
+                          sampling=sampling, stop=work.stop, grammar=work.grammar, created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
@@ -115,7 +116,7 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
 def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingParams) -> Work:
     chat = isinstance(body, ChatCompletionRequest)
     return Work("chat" if chat else "completion", prompt, body.requested_max_tokens(), body.sampling(defaults),
-                body.stop, bool(body.stream), "messages" if chat else "prompt")
+                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar())
 
 
 async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:

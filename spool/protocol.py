@@ -47,6 +47,7 @@ class SpoolRequest(BaseModel):
     max_tokens: int = Field(ge=1)
     sampling: SamplingParams = SamplingParams()
     stop: list[str] = []  # matched on the text, never emitted
+    grammar: Optional[str] = None  # llguidance grammar the output must follow (a JSON schema's)
     created: int  # Unix time the API accepted it (the response's `created`)
 
 
