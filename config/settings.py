@@ -11,6 +11,8 @@ from typing import Literal, Optional
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.hosts import Host, cluster_hosts, split_hosts
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -80,6 +82,10 @@ class Settings(BaseSettings):
     log_dir: Path = REPO_DIR / "logs"
     run_dir: Path = REPO_DIR / "run"
 
+    def cluster_hosts(self) -> list[Host]:
+        """The hosts HOSTS or HOSTFILE name, in rank order; empty for this machine alone."""
+        return cluster_hosts(self.hosts, self.hostfile, self.ssh_user)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: str) -> str:
@@ -94,10 +100,7 @@ class Settings(BaseSettings):
     @field_validator("hosts")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        hosts = [h.strip() for h in value.split(",")] if value.strip() else []
-        if not all(re.fullmatch(r"[A-Za-z0-9.:-]+", h) for h in hosts):
-            raise ValueError(f"must be comma-separated IP addresses or hostnames, in rank order; got {value!r}")
-        return ",".join(hosts)
+        return ",".join(split_hosts(value))
 
     @field_validator("hostfile")
     @classmethod
