@@ -11,6 +11,7 @@ import platform
 import socket
 
 import mlx.core as mx
+import psutil
 
 from config.blas import use_blas
 
@@ -89,6 +90,9 @@ def rank_record(rank: int) -> dict:
         "rank": rank,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        # With the pid, tells this process from a later one given the same pid: the
+        # launcher signals a rank only when both match.
+        "created": psutil.Process().create_time(),
         "memory": available_memory(),
         "blas": use_blas(),  # chosen when the package was imported: this returns that choice
     }
