@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    # Launch (read by launch.sh through `python -m config`)
+    # Launch (read by the launcher, launcher/)
     ranks: int = Field(1, ge=1)
     hosts: str = ""
     hostfile: Optional[Path] = None
