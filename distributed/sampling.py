@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, Mapping, Optional
+from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What decides the next token; temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def pick(cls, values: Mapping) -> "SamplingParams":
-        """The sampling fields of `values` (a request, parsed arguments); missing or None keep the default."""
-        given = {f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None}
-        return cls(**given)
+from spool.protocol import SamplingParams
 
 
 # Tokens a seeded sequence may draw before its random stream overlaps the next seed's.

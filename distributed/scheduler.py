@@ -134,7 +134,7 @@ class Scheduler:
         self._next_id += 1
         work = {
             "prompt": prompt,
-            "params": params.to_dict(),
+            "params": params.model_dump(),
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         payload = json.dumps(work).encode()

@@ -25,14 +25,18 @@ import time
 import uuid
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from spool.notify import DirWatch, watch_dir
+from spool.protocol import (
+    TERMINAL, Delta, Event, Failed, Final, Requeued, SpoolRequest, Usage, decode_event, encode_event,
+)
 
 _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _FALLBACK_POLL = 0.005  # seconds between looks at incoming/ without inotify
 _SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp")
-_TERMINAL = ("final", "error")
 
 
 def check_id(request_id: str) -> str:
@@ -97,17 +101,16 @@ class Spool:
         ids = [n[:-5] for n in os.listdir(directory) if n.endswith(".json")]
         return sorted(i for i in ids if _ID_RE.fullmatch(i))
 
-    def _last_event(self, request_id: str) -> dict | None:
+    def _last_event(self, request_id: str) -> Event | None:
         events, _ = self.read_events(request_id)
         return events[-1] if events else None
 
     # -- front side ------------------------------------------------------------
 
-    def submit(self, request: dict) -> str:
+    def submit(self, request: SpoolRequest) -> str:
         """Queue `request` durably; return its new id."""
         request_id = _new_id()
-        data = json.dumps(request, separators=(",", ":")).encode()
-        self._write_atomic(self._incoming / f"{request_id}.json", data, durable=True)
+        self._write_atomic(self._incoming / f"{request_id}.json", request.model_dump_json().encode(), durable=True)
         return request_id
 
     def _withdraw(self, request_id: str, source: Path) -> None:
@@ -119,14 +122,15 @@ class Spool:
             os.rename(source / f"{request_id}.json", done)
         except FileNotFoundError:
             return
-        request = json.loads(done.read_bytes())
+        try:
+            prompt = len(SpoolRequest.model_validate_json(done.read_bytes()).prompt_tokens)
+        except ValidationError:
+            prompt = 0  # unreadable: cancelled all the same
         events, _ = self.read_events(request_id)
-        starts = [i for i, e in enumerate(events) if e.get("type") == "requeued"]
+        starts = [i for i, e in enumerate(events) if isinstance(e, Requeued)]
         output = events[starts[-1] + 1 if starts else 0:]
-        prompt = len(request.get("prompt_tokens", []))
-        completion = sum(len(e.get("token_ids", [])) for e in output if e.get("type") == "delta")
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        self.append(request_id, {"type": "final", "finish_reason": "cancelled", "usage": usage, "timings": {}})
+        completion = sum(len(e.token_ids) for e in output if isinstance(e, Delta))
+        self.append(request_id, Final(finish_reason="cancelled", usage=Usage.of(prompt, completion)))
         os.utime(done)
 
     def cancel(self, request_id: str) -> None:
@@ -136,7 +140,7 @@ class Spool:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
         self._withdraw(request_id, self._incoming)
 
-    def read_events(self, request_id: str, offset: int = 0) -> tuple[list[dict], int]:
+    def read_events(self, request_id: str, offset: int = 0) -> tuple[list[Event], int]:
         """Complete event lines from byte `offset`; a partial last line waits for its end."""
         try:
             with open(self._stream(request_id), "rb") as f:
@@ -145,7 +149,7 @@ class Spool:
         except FileNotFoundError:
             return [], offset
         end = data.rfind(b"\n") + 1
-        events = [json.loads(line) for line in data[:end].splitlines() if line]
+        events = [decode_event(line) for line in data[:end].splitlines() if line]
         return events, offset + end
 
     def watch_streams(self) -> DirWatch | None:
@@ -166,7 +170,7 @@ class Spool:
 
     # -- rank-0 side -----------------------------------------------------------
 
-    def claim(self) -> tuple[str, dict] | None:
+    def claim(self) -> tuple[str, SpoolRequest] | None:
         """Take the oldest waiting request into claimed/; None if there is none."""
         for request_id in self._ids(self._incoming):
             dest = self._claimed / f"{request_id}.json"
@@ -175,10 +179,9 @@ class Spool:
             except FileNotFoundError:
                 continue  # withdrawn by cancel() or taken by another claimer
             try:
-                return request_id, json.loads(dest.read_bytes())
-            except ValueError as err:
-                self.finish(request_id, {"type": "error", "message": f"unreadable request: {err}",
-                                         "code": "bad_request_file", "status": 500})
+                return request_id, SpoolRequest.model_validate_json(dest.read_bytes())
+            except ValidationError as err:
+                self.finish(request_id, Failed(message=f"unreadable request: {err}", code="bad_request_file"))
         return None
 
     def requeue_claimed(self) -> list[str]:
@@ -190,28 +193,28 @@ class Spool:
         requeued = []
         for request_id in self._ids(self._claimed):
             last = self._last_event(request_id)
-            if last is not None and last.get("type") in _TERMINAL:
+            if isinstance(last, TERMINAL):
                 os.rename(self._claimed / f"{request_id}.json", self._done / f"{request_id}.json")
                 continue
             if self.is_cancelled(request_id):
                 self._withdraw(request_id, self._claimed)
                 continue
             # The marker precedes the rename so readers see it before any new output.
-            self.append(request_id, {"type": "requeued"})
+            self.append(request_id, Requeued())
             os.rename(self._claimed / f"{request_id}.json", self._incoming / f"{request_id}.json")
             requeued.append(request_id)
         return requeued
 
-    def append(self, request_id: str, event: dict) -> None:
+    def append(self, request_id: str, event: Event) -> None:
         """Append one event line; a single O_APPEND write, visible to readers at once."""
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        line = encode_event(event) + b"\n"
         fd = os.open(self._stream(request_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
 
-    def finish(self, request_id: str, event: dict) -> None:
+    def finish(self, request_id: str, event: Final | Failed) -> None:
         """Append the final (or error) event, then move the request to done/."""
         self.append(request_id, event)
         done = self._done / f"{request_id}.json"

@@ -24,10 +24,8 @@ use_blas(Settings.model_fields["fast_blas"].default)
 import mlx.core as mx  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(REPO / "bench"))
-from ring import mpi_command  # noqa: E402
-from tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
+from bench.ring import mpi_command  # noqa: E402
+from models.tiny import ARCHITECTURES, make_tiny_model  # noqa: E402
 
 PYTHON = sys.executable
 MLX_LAUNCH = str(Path(PYTHON).parent / "mlx.launch")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,10 +32,13 @@ import uvicorn
 from conftest import launch_command, rank_env
 from mlx_lm.sample_utils import make_sampler
 
-from api import SHUTDOWN_GRACE, create_app
+from api import SHUTDOWN_GRACE
+from openai_api import create_app
+from openai_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
-from tiny_models import make_tiny_model
+from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
+from models.tiny import VOCAB_SIZE, make_tiny_model
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -395,14 +399,14 @@ def _greedy(model_dir: Path, prompt_json: str, max_tokens: int) -> Reference:
     return Reference(token_ids, segments, finish)
 
 
-def _spooled_request(api: ApiServer, request_id: str) -> dict:
+def _spooled_request(api: ApiServer, request_id: str) -> SpoolRequest:
     """The request as the API queued it, from the spool file rank 0 finished."""
     done = api.settings.spool_dir / "done" / f"{request_id}.json"
     assert _wait_for(done.exists), f"request {request_id} not in done/"
-    return json.loads(done.read_bytes())
+    return SpoolRequest.model_validate_json(done.read_bytes())
 
 
-def _events(api: ApiServer, request_id: str) -> list[dict]:
+def _events(api: ApiServer, request_id: str) -> list[Event]:
     return api.spool.read_events(request_id)[0]
 
 
@@ -430,9 +434,9 @@ def test_chat_non_streaming(ring: ApiServer, tiny_model: Path) -> None:
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 6
     sent = _spooled_request(ring, reply.id.removeprefix("chatcmpl-"))
-    assert sent == {"kind": "chat", "model": model, "prompt_tokens": prompt, "max_tokens": 8,
-                    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": None,
-                    "seed": 7, "stop": [stop], "created": sent["created"]}
+    sampling = SamplingParams(temperature=0.0, seed=7)
+    assert sent == SpoolRequest(kind="chat", model=model, prompt_tokens=prompt, max_tokens=8, sampling=sampling,
+                                stop=[stop], created=sent.created)
 
 
 def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
@@ -450,12 +454,12 @@ def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
     assert "".join(texts) == reference.text
     request_id = chunks[0]["id"].removeprefix("chatcmpl-")
     # One chunk for each piece of text rank 0 wrote, as it wrote it.
-    assert texts == [e["text"] for e in _events(ring, request_id) if e["type"] == "delta" and e["text"]]
+    assert texts == [e.text for e in _events(ring, request_id) if isinstance(e, Delta) and e.text]
     assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": reference.finish_reason,
                                         "logprobs": None}
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == len(reference.token_ids)
-    assert _spooled_request(ring, request_id)["max_tokens"] == 16  # DEFAULT_MAX_TOKENS
+    assert _spooled_request(ring, request_id).max_tokens == 16  # DEFAULT_MAX_TOKENS
 
 
 def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path: Path) -> None:
@@ -476,13 +480,45 @@ def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path:
                 opening = next(json.loads(line[6:]) for line in lines if line.startswith("data: {"))
                 assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
                 request_id = opening["id"].removeprefix("chatcmpl-")
-                assert [e["type"] for e in _events(api, request_id)] == ["started"]
+                assert [e.type for e in _events(api, request_id)] == ["started"]
                 os.kill(follower, signal.SIGCONT)
                 rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         finally:
             os.kill(follower, signal.SIGCONT)
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in rest) == reference.text
     assert rest[-1]["choices"][0]["finish_reason"] == reference.finish_reason
+
+
+def test_waiting_on_a_stalled_ring_is_bounded(tiny_model: Path, tmp_path: Path) -> None:
+    """Rank 1 stopped mid-request stalls the ring and rank 0's heartbeat: an open stream gets
+    keep-alive comments, then, once the heartbeat is older than RING_DOWN_AFTER, an error
+    event in OpenAI's envelope; a non-streaming request gets a 503. Both are cancelled."""
+    ring_down_after = KEEPALIVE_EVERY + 3
+    rank = RankProcess(tiny_model, tmp_path / "spool", ranks=2)
+    settings = _ring_settings(tiny_model, tmp_path / "spool", ring_down_after=ring_down_after)
+    body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0}
+    with ApiServer(settings) as api:
+        rank.start()
+        follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
+        os.kill(follower, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with httpx.stream("POST", f"{api.url}/v1/chat/completions", headers=AUTH, json=body | {"stream": True},
+                              timeout=60) as response:
+                assert response.status_code == 200  # rank 0 admitted it, then stalled
+                waiting = ThreadPoolExecutor(1).submit(api.post, "/v1/chat/completions", body, timeout=60)
+                lines = [line for line in response.iter_lines() if line]
+            took = time.monotonic() - started
+            assert ": keep-alive" in lines, lines
+            error = json.loads(lines[-1].removeprefix("data: "))["error"]
+            assert error["code"] == "ring_unavailable" and "RING_DOWN_AFTER" in error["message"], error
+            assert took < ring_down_after + 2 * HEARTBEAT_CHECK + 1, took
+            refused = waiting.result()
+            assert refused.status_code == 503 and _error(refused)["code"] == "ring_unavailable"
+            assert len(_files(api, "cancel")) == 2
+        finally:
+            os.kill(follower, signal.SIGCONT)
+            rank.stop(kill=True)
 
 
 def test_an_idle_rank_0_reports_a_dead_follower_itself(tiny_model: Path, tmp_path: Path) -> None:
@@ -516,7 +552,7 @@ def test_completions(ring: ApiServer, tiny_model: Path) -> None:
     assert reply.choices[0].finish_reason == reference.finish_reason
     assert reply.usage.completion_tokens == len(reference.token_ids)
     sent = _spooled_request(ring, reply.id.removeprefix("cmpl-"))
-    assert sent["prompt_tokens"] == prompt and sent["kind"] == "completion" and sent["max_tokens"] == 5
+    assert sent.prompt_tokens == prompt and sent.kind == "completion" and sent.max_tokens == 5
     chunks = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reference.text
@@ -565,15 +601,31 @@ def _long_stream(api: ApiServer, model: Path):
     return httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
 
 
-def _finished_cancelled(api: ApiServer, request_id: str) -> dict:
+def _finished_cancelled(api: ApiServer, request_id: str) -> Final:
     """The final event rank 0 wrote for a request it stopped because of a cancel marker."""
     assert _wait_for(lambda: api.spool.is_cancelled(request_id), timeout=5), "no cancel marker"
     assert _wait_for(lambda: (api.settings.spool_dir / "done" / f"{request_id}.json").exists(), timeout=10), \
         "rank 0 did not stop the request"
     final = _events(api, request_id)[-1]
-    assert final["type"] == "final" and final["finish_reason"] == "cancelled", final
-    assert final["usage"]["completion_tokens"] < LONG_TOKENS
+    assert isinstance(final, Final) and final.finish_reason == "cancelled", final
+    assert final.usage.completion_tokens < LONG_TOKENS
     return final
+
+
+def test_top_k_is_checked_against_the_vocabulary(ring: ApiServer, tiny_model: Path) -> None:
+    """A top_k mlx-lm's sampler would raise on inside rank 0's step is refused before it is
+    queued; the largest it accepts runs, and the ring stays up."""
+    client, model = ring.client(), str(tiny_model)
+    messages = [{"role": "user", "content": "hi"}]
+    for top_k in (VOCAB_SIZE, 10**6):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=2, extra_body={"top_k": top_k})
+        assert err.value.body["param"] == "top_k" and str(VOCAB_SIZE) in err.value.body["message"]
+    for top_k in (0, 1, VOCAB_SIZE - 1):
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=2, seed=1,
+                                               extra_body={"top_k": top_k})
+        assert reply.usage.completion_tokens >= 1
+    assert httpx.get(f"{ring.url}/health").status_code == 200
 
 
 def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
@@ -588,7 +640,7 @@ def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
         assert name in text, name
     assert 'mlx_ring_http_requests_total{path="/v1/chat/completions",status="200"}' in text
     assert _metric(text, "mlx_ring_queue_depth") == 0
-    deltas = [e for e in _events(ring, reply.id.removeprefix("chatcmpl-")) if e["type"] == "delta"]
+    deltas = [e for e in _events(ring, reply.id.removeprefix("chatcmpl-")) if isinstance(e, Delta)]
     assert len(deltas) >= 2
     for name, grew in (("mlx_ring_completion_tokens_total", reply.usage.completion_tokens),
                        ("mlx_ring_prompt_tokens_total", reply.usage.prompt_tokens),
@@ -717,7 +769,7 @@ def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, 
                 rank.start()
     request_id = event["id"].removeprefix("chatcmpl-")
     assert "".join(texts) == expected
-    kinds = [e["type"] for e in _events(api, request_id)]
+    kinds = [e.type for e in _events(api, request_id)]
     if "requeued" not in kinds:
         pytest.skip("generation finished before the kill; the restart path did not run")
 
@@ -738,7 +790,7 @@ def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServ
     claimed = api.settings.spool_dir / "claimed"
 
     def generating() -> bool:
-        return any(sum(e["type"] == "delta" for e in _events(api, path.stem)) >= 2 for path in claimed.iterdir())
+        return any(sum(isinstance(e, Delta) for e in _events(api, path.stem)) >= 2 for path in claimed.iterdir())
 
     try:
         assert _wait_for(generating, timeout=30)
@@ -750,6 +802,6 @@ def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServ
     reply = replies[0]
     assert reply.choices[0].message.content == reference.text
     assert reply.usage.completion_tokens == len(reference.token_ids)
-    kinds = [e["type"] for e in _events(api, reply.id.removeprefix("chatcmpl-"))]
+    kinds = [e.type for e in _events(api, reply.id.removeprefix("chatcmpl-"))]
     if "requeued" not in kinds:
         pytest.skip("generation finished before the kill; the restart path did not run")

@@ -23,7 +23,7 @@ from conftest import reference_tokens
 
 from distributed.kv_cache import KVSettings, StageCache
 from test_api import ApiServer, _metric, _wait_for, ring_and_api
-from tiny_models import make_tiny_model
+from models.tiny import make_tiny_model
 
 PREFILL_STEP = 16  # several prefill chunks per prompt, interleaved with other sequences' steps
 KV_BUDGET_MB = 2  # a handful of sequences at a time (see `_active_bound`)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import PROMPT, REPO, generate_json, rank_env
-from tiny_models import make_tiny_model
+from models.tiny import make_tiny_model
 
 from config.blas import find_openblas, use_blas
 from launcher.status import rank_row

@@ -14,9 +14,14 @@ import pytest
 
 import spool.queue
 from spool import Spool
+from spool.protocol import Delta, Failed, Final, Requeued, SpoolRequest, Usage
 
-USAGE = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
-FINAL = {"type": "final", "finish_reason": "stop", "usage": USAGE, "timings": {}}
+FINAL = Final(finish_reason="stop", usage=Usage.of(1, 0))
+
+
+def request(prompt: list[int] = [1], **sampling: float) -> SpoolRequest:
+    return SpoolRequest(kind="completion", model="m", prompt_tokens=prompt, max_tokens=4,
+                        sampling=sampling, created=0)
 
 # Processes are started with "spawn" so no lock or inotify fd leaks from the test process.
 CTX = mp.get_context("spawn")
@@ -25,7 +30,7 @@ CTX = mp.get_context("spawn")
 def _submitter(root: str, who: int, count: int) -> None:
     sp = Spool(Path(root))
     for i in range(count):
-        sp.submit({"who": who, "i": i})
+        sp.submit(request([who, i]))
 
 
 def _claimer(root: str, total: int, out: mp.Queue) -> None:
@@ -38,9 +43,9 @@ def _claimer(root: str, total: int, out: mp.Queue) -> None:
             sp.wait_for_work(1.0)
             continue
         request_id, request = got
-        sp.append(request_id, {"type": "delta", "text": "x", "token_ids": [1]})
+        sp.append(request_id, Delta(text="x", token_ids=[1]))
         sp.finish(request_id, FINAL)
-        seen.append((request_id, request["who"], request["i"]))
+        seen.append((request_id, *request.prompt_tokens))
     out.put(seen)
 
 
@@ -49,7 +54,7 @@ def _crashing_claimer(root: str, count: int) -> None:
     sp = Spool(Path(root))
     for _ in range(count):
         request_id, _ = sp.claim()
-        sp.append(request_id, {"type": "delta", "text": "lost", "token_ids": [7]})
+        sp.append(request_id, Delta(text="lost", token_ids=[7]))
     os._exit(1)
 
 
@@ -60,8 +65,8 @@ def _names(directory: Path) -> set[str]:
 def test_layout_and_permissions(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     sp = Spool(root)
-    request_id = sp.submit({"a": 1})
-    sp.append(request_id, {"type": "delta", "text": "hi", "token_ids": [1]})
+    request_id = sp.submit(request())
+    sp.append(request_id, Delta(text="hi", token_ids=[1]))
     sp.cancel(request_id)
     sp.write_heartbeat({"state": "ready"})
     for d in (root, *(root / n for n in ("incoming", "claimed", "done", "streams", "cancel", "tmp"))):
@@ -74,18 +79,18 @@ def test_layout_and_permissions(tmp_path: Path) -> None:
 
 def test_submit_claim_finish_roundtrip(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    first = sp.submit({"n": 1})
-    second = sp.submit({"n": 2})
+    first = sp.submit(request([1], temperature=0.5, seed=2**70))
+    second = sp.submit(request([2]))
     assert first < second and sp.queue_depth() == 2
-    assert sp.claim() == (first, {"n": 1})
+    assert sp.claim() == (first, request([1], temperature=0.5, seed=2**70))
     assert sp.queue_depth() == 1
-    sp.append(first, {"type": "delta", "text": "é", "token_ids": [5]})
+    sp.append(first, Delta(text="é", token_ids=[5]))
     sp.finish(first, FINAL)
     events, offset = sp.read_events(first)
-    assert events == [{"type": "delta", "text": "é", "token_ids": [5]}, FINAL]
+    assert events == [Delta(text="é", token_ids=[5]), FINAL]
     assert sp.read_events(first, offset) == ([], offset)
     assert _names(tmp_path / "done") == {first}
-    assert sp.claim() == (second, {"n": 2})
+    assert sp.claim() == (second, request([2]))
     assert sp.claim() is None
 
 
@@ -95,7 +100,7 @@ def test_bad_ids_are_rejected_before_any_path_use(tmp_path: Path) -> None:
            "00000000000000000001-abcdefabcdef/../../etc", "00000000000000000001-abcdefabcdef\n"]
     for request_id in bad:
         for call in (sp.cancel, sp.is_cancelled, sp.read_events,
-                     lambda i: sp.append(i, {}), lambda i: sp.finish(i, {})):
+                     lambda i: sp.append(i, Requeued()), lambda i: sp.finish(i, FINAL)):
             with pytest.raises(ValueError):
                 call(request_id)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
@@ -110,23 +115,23 @@ def test_stray_files_are_ignored(tmp_path: Path) -> None:
 
 def test_partial_line_waits_until_complete(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    request_id = sp.submit({})
-    sp.append(request_id, {"type": "delta", "text": "a", "token_ids": [1]})
+    request_id = sp.submit(request())
+    sp.append(request_id, Delta(text="a", token_ids=[1]))
     stream = tmp_path / "streams" / f"{request_id}.jsonl"
     with open(stream, "ab") as f:
         f.write(b'{"type":"delta","te')
     events, offset = sp.read_events(request_id)
-    assert [e["text"] for e in events] == ["a"]
+    assert [e.text for e in events] == ["a"]
     assert sp.read_events(request_id, offset) == ([], offset)
     with open(stream, "ab") as f:
         f.write(b'xt":"b","token_ids":[2]}\n')
     events, offset2 = sp.read_events(request_id, offset)
-    assert [e["text"] for e in events] == ["b"] and offset2 == stream.stat().st_size
+    assert [e.text for e in events] == ["b"] and offset2 == stream.stat().st_size
 
 
 def test_missing_stream_reads_empty(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    request_id = sp.submit({})
+    request_id = sp.submit(request())
     assert sp.read_events(request_id, 0) == ([], 0)
 
 
@@ -153,12 +158,12 @@ def test_many_submitters_one_claimer_lose_and_duplicate_nothing(tmp_path: Path) 
     assert not _names(tmp_path / "incoming") and not _names(tmp_path / "claimed")
     for request_id in ids:
         events, _ = sp.read_events(request_id)
-        assert [e["type"] for e in events] == ["delta", "final"]
+        assert [e.type for e in events] == ["delta", "final"]
 
 
 def test_crash_between_claim_and_finish_requeues(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    ids = [sp.submit({"i": i}) for i in range(5)]
+    ids = [sp.submit(request([i])) for i in range(5)]
     crasher = CTX.Process(target=_crashing_claimer, args=(str(tmp_path), 3))
     crasher.start()
     crasher.join(timeout=60)
@@ -172,7 +177,7 @@ def test_crash_between_claim_and_finish_requeues(tmp_path: Path) -> None:
     assert _names(tmp_path / "incoming") == set(ids[:3]) | {ids[4]}
     assert not _names(tmp_path / "claimed")
     events, offset = sp.read_events(ids[0])
-    assert [e["type"] for e in events] == ["delta", "requeued"]
+    assert [e.type for e in events] == ["delta", "requeued"]
     # The requeued requests come out again in their original order, each exactly once.
     claimed = [sp.claim()[0] for _ in range(4)]
     assert claimed == ids[:3] + [ids[4]] and sp.claim() is None
@@ -180,18 +185,17 @@ def test_crash_between_claim_and_finish_requeues(tmp_path: Path) -> None:
 
 def test_cancel_withdraws_a_waiting_request(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    request_id = sp.submit({"prompt_tokens": [1, 2, 3]})
+    request_id = sp.submit(request([1, 2, 3]))
     sp.cancel(request_id)
     assert sp.is_cancelled(request_id)
     assert sp.queue_depth() == 0 and sp.claim() is None
     events, _ = sp.read_events(request_id)
-    assert events[-1]["finish_reason"] == "cancelled"
-    assert events[-1]["usage"]["prompt_tokens"] == 3
+    assert events[-1] == Final(finish_reason="cancelled", usage=Usage.of(3, 0))
 
 
 def test_cancel_of_a_claimed_request_leaves_it_to_rank0(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    request_id = sp.submit({})
+    request_id = sp.submit(request())
     sp.claim()
     assert not sp.is_cancelled(request_id)
     sp.cancel(request_id)
@@ -204,16 +208,26 @@ def test_cancelled_claimed_requests_are_finished_not_requeued(tmp_path: Path) ->
     """A rank 0 stopped mid-generation, then the client went away (or the API stopped):
     the next rank 0 must not run the request again for nobody."""
     sp = Spool(tmp_path)
-    gone, kept = sp.submit({"prompt_tokens": [1, 2, 3]}), sp.submit({"prompt_tokens": [4]})
+    gone, kept = sp.submit(request([1, 2, 3])), sp.submit(request([4]))
     for _ in range(2):
         sp.claim()
-    sp.append(gone, {"type": "delta", "text": "ab", "token_ids": [7, 8]})
+    sp.append(gone, Delta(text="ab", token_ids=[7, 8]))
     sp.cancel(gone)
     assert sp.requeue_claimed() == [kept]
     assert _names(tmp_path / "done") == {gone} and _names(tmp_path / "incoming") == {kept}
-    final = sp.read_events(gone)[0][-1]
-    assert final["type"] == "final" and final["finish_reason"] == "cancelled"
-    assert final["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    # The same usage shape as any other final, cached tokens included.
+    assert sp.read_events(gone)[0][-1] == Final(finish_reason="cancelled", usage=Usage.of(3, 2))
+
+
+def test_an_unreadable_request_fails_alone(tmp_path: Path) -> None:
+    sp = Spool(tmp_path)
+    bad = sp.submit(request())
+    good = sp.submit(request([2]))
+    (tmp_path / "incoming" / f"{bad}.json").write_text('{"kind": "chat"}')
+    assert sp.claim() == (good, request([2]))
+    events, _ = sp.read_events(bad)
+    assert isinstance(events[-1], Failed) and events[-1].code == "bad_request_file"
+    assert _names(tmp_path / "done") == {bad}
 
 
 def test_heartbeat(tmp_path: Path) -> None:
@@ -229,10 +243,10 @@ def test_heartbeat(tmp_path: Path) -> None:
 
 def test_purge_removes_only_old_finished_requests(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
-    old, new, waiting = sp.submit({}), sp.submit({}), sp.submit({})
+    old, new, waiting = sp.submit(request()), sp.submit(request()), sp.submit(request())
     for request_id in (old, new):
         sp.claim()
-        sp.append(request_id, {"type": "delta", "text": "t", "token_ids": [1]})
+        sp.append(request_id, Delta(text="t", token_ids=[1]))
         sp.cancel(request_id)
         sp.finish(request_id, FINAL)
     sp.cancel(waiting)  # withdrawn: now done, recent
@@ -257,7 +271,7 @@ def _wake_latency(sp: Spool) -> float:
     def submit_later() -> None:
         time.sleep(0.2)
         submitted.append(time.monotonic())
-        Spool(sp.root).submit({})
+        Spool(sp.root).submit(request())
 
     threading.Thread(target=submit_later).start()
     assert sp.wait_for_work(5.0)

@@ -9,7 +9,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-from tiny_models import ARCHITECTURES, make_tiny_model
+from models.tiny import ARCHITECTURES, make_tiny_model
 
 PROMPT = "Tell me about the harbour town of Wexley and its school of 212 pupils."
 

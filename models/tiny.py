@@ -1,4 +1,4 @@
-"""Tiny random-weight mlx-lm models for tests.
+"""Tiny random-weight mlx-lm models, for tests and benchmarks.
 
 `make_tiny_model(arch, out_dir)` writes a complete model directory (config,
 two safetensors shards plus index, a real byte-level BPE tokenizer with a
@@ -6,7 +6,7 @@ ChatML chat template) that `mlx_lm.load` accepts in strict mode.
 
 Also runnable as a script:
 
-    python tests/tiny_models.py OUT_DIR [ARCH...]
+    python -m models.tiny OUT_DIR [ARCH...]
 
 which writes OUT_DIR/<arch> for each ARCH (default: all of ARCHITECTURES).
 """
@@ -216,7 +216,7 @@ def _write_weights(weights: dict[str, mx.array], out_dir: Path, num_layers: int)
 
 @lru_cache(maxsize=1)
 def tokenizer_json() -> str:
-    """Train a byte-level BPE tokenizer of VOCAB_SIZE tokens on tests/data/english.txt."""
+    """Train a byte-level BPE tokenizer of VOCAB_SIZE tokens on models/data/english.txt."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -291,7 +291,7 @@ def make_tiny_model(arch: str, out_dir: Path, *, num_layers: int = 6, seed: int 
 
 
 def main(argv: list[str]) -> int:
-    """CLI: tiny_models.py OUT_DIR [ARCH...] writes OUT_DIR/<arch> for each arch."""
+    """CLI: python -m models.tiny OUT_DIR [ARCH...] writes OUT_DIR/<arch> for each arch."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

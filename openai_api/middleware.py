@@ -1,0 +1,66 @@
+"""The front door: API key and body size, checked before anything parses the body."""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openai_api.errors import APIError, error_json
+from openai_api.metrics import Metrics
+
+_KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+
+
+class FrontDoor:
+    """Pure ASGI middleware (no buffering of streamed responses): checks the API key on /v1/,
+    limits the body size, and counts responses by status."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.api_key, self.max_bytes, self.metrics = app, api_key, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await error_json(refusal.status_code, refusal.detail_model)(scope, receive, counting_send)
+        await self.app(scope, self._limited(receive), counting_send)
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), self.api_key.encode()):
+                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return _too_large(self.max_bytes)
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that fails once a body without Content-Length grows too large."""
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _too_large(self.max_bytes)
+            return message
+
+        return wrapped
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")

@@ -1,0 +1,124 @@
+"""The contract between the HTTP front and rank 0: what a spool request holds, and the
+events rank 0 writes back for it, one JSON object a line in its stream file.
+
+Both sides write and read these only through the models here, so a field added on one
+side is known to the other, and a stream file that does not parse is an error, not a
+silently different dict.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class SamplingParams(BaseModel):
+    """What decides the next token; temperature 0 is greedy. The defaults are OpenAI's,
+    and the only ones: the API leaves unset what the client did not send."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    @classmethod
+    def pick(cls, values: dict) -> "SamplingParams":
+        """The sampling fields of `values` (a request body, parsed arguments); missing
+        or None keep the default."""
+        return cls(**{name: values[name] for name in cls.model_fields if values.get(name) is not None})
+
+
+class SpoolRequest(BaseModel):
+    """A checked, tokenized request, queued by the API for rank 0."""
+
+    kind: Literal["chat", "completion"]
+    model: str
+    prompt_tokens: list[int]
+    max_tokens: int = Field(ge=1)
+    sampling: SamplingParams = SamplingParams()
+    stop: list[str] = []  # matched on the text, never emitted
+    created: int  # Unix time the API accepted it (the response's `created`)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+class Timings(BaseModel):
+    """Rank 0's clock for one request (absent for one that never ran)."""
+
+    claimed_at: Optional[float] = None  # Unix time rank 0 took it from the queue
+    time_to_first_token: Optional[float] = None  # s from the claim
+    total: Optional[float] = None  # s from the claim to the end
+
+
+class Started(BaseModel):
+    """Rank 0 admitted the request: the API may open its response."""
+
+    type: Literal["started"] = "started"
+
+
+class Delta(BaseModel):
+    """New text, and the token ids it came from (none for held-back text let go at the end)."""
+
+    type: Literal["delta"] = "delta"
+    text: str
+    token_ids: list[int] = []
+
+
+class Requeued(BaseModel):
+    """The ring restarted while the request ran; its output starts over."""
+
+    type: Literal["requeued"] = "requeued"
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Final(BaseModel):
+    type: Literal["final"] = "final"
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings = Timings()
+
+
+class Failed(BaseModel):
+    """The request ended without an answer; `status` is the HTTP status it deserves."""
+
+    type: Literal["error"] = "error"
+    message: str
+    code: Optional[str] = None
+    status: int = 500
+
+
+Event = Annotated[Union[Started, Delta, Requeued, Final, Failed], Field(discriminator="type")]
+TERMINAL = (Final, Failed)
+
+_EVENT = TypeAdapter(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """One stream line, without its newline."""
+    return event.model_dump_json().encode()
+
+
+def decode_event(line: bytes) -> Event:
+    return _EVENT.validate_json(line)
