@@ -41,6 +41,14 @@ class HostProcess:
         except HostUnreachable:
             return None
 
+    def terminate(self) -> bool:
+        """SIGTERM alone, a request to stop; False when it is not running or its host
+        cannot be asked."""
+        try:
+            return self.task("terminate")
+        except HostUnreachable:
+            return False
+
     def end(self, what: str) -> bool:
         """SIGTERM, then SIGKILL, on its host; True once it is gone."""
         try:

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from config import REPO_DIR
 from launcher import LaunchError, processes
 from launcher.hosts import HostUnreachable, Layout
+from launcher.processes import ProcessRef
 from launcher.readiness import StartFailed, api_url, read_heartbeat, show_failure_logs, wait_ready
 from launcher.ring_command import ring_command
 from launcher.run_state import (
@@ -27,7 +28,6 @@ from launcher.run_state import (
     save_api,
     save_ring,
 )
-from launcher.processes import ProcessRef
 from launcher.stop import stop_api, stop_ring
 
 log = logging.getLogger(__name__)

@@ -4,10 +4,9 @@ flight), then the API. Only processes recorded in the pid files, by pid and crea
 from __future__ import annotations
 
 import logging
-from contextlib import suppress
 
 from launcher import LaunchError, processes
-from launcher.hosts import HostUnreachable, Layout
+from launcher.hosts import Layout
 from launcher.readiness import read_heartbeat
 from launcher.run_state import API_FILE, RING_FILE, RankProcess, forget, load_api, load_ring, ranks_from_heartbeat
 
@@ -27,11 +26,9 @@ def stop_ring(layout: Layout) -> bool:
         return True
     ranks = ring.ranks or this_runs_ranks(layout, ring.since)
     if ring.members():
-        for rank in ranks:
-            if rank.rank == 0 and rank.alive():
-                log.info("stopping rank 0 (%s): it finishes the token in flight", rank)
-                with suppress(HostUnreachable):  # then the launcher's group is ended below
-                    rank.task("terminate")
+        rank0 = next((rank for rank in ranks if rank.rank == 0), None)
+        if rank0 is not None and rank0.terminate():
+            log.info("stopping rank 0 (%s): it finishes the token in flight", rank0)
         if not processes.wait_gone(ring.members, settings.stop_timeout):
             log.info("ranks still running after STOP_TIMEOUT=%d s: SIGTERM to the launcher's process group",
                      settings.stop_timeout)

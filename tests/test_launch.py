@@ -57,10 +57,9 @@ def free_ports(count: int) -> int:
 def pid_alive(pid: int) -> bool:
     """Whether pid runs (a zombie waiting for its parent does not count)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Launcher:
