@@ -21,7 +21,10 @@ class TokenSampler:
         self.sample: Callable[[mx.array], mx.array] = make_sampler(
             temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k
         )
-        self.processors = make_logits_processors(repetition_penalty=params.repetition_penalty)
+        self.processors = make_logits_processors(
+            logit_bias=params.logit_bias, repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        )
         self.history = mx.array(prompt, dtype=mx.int32)
         self.seed = params.seed
         self.drawn = 0

@@ -24,13 +24,18 @@ class SamplingParams(BaseModel):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[int, float]] = None
     seed: Optional[int] = None
 
     @classmethod
-    def pick(cls, values: dict) -> "SamplingParams":
-        """The sampling fields of `values` (a request body, parsed arguments); missing
-        or None keep the default."""
-        return cls(**{name: values[name] for name in cls.model_fields if values.get(name) is not None})
+    def pick(cls, *sources: dict) -> "SamplingParams":
+        """The sampling fields of `sources` (a model's generation_config.json, settings,
+        parsed arguments), later ones over earlier ones; missing or None keep the default."""
+        given = {name: source[name] for source in sources for name in cls.model_fields
+                 if source.get(name) is not None}
+        return cls(**given)
 
 
 class SpoolRequest(BaseModel):
@@ -96,6 +101,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class Final(BaseModel):
     type: Literal["final"] = "final"
     finish_reason: FinishReason
+    stop_sequence: Optional[str] = None  # the request's stop string that ended it, if one did
     usage: Usage
     timings: Timings = Timings()
 

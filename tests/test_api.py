@@ -33,8 +33,8 @@ from conftest import launch_command, rank_env
 from mlx_lm.sample_utils import make_sampler
 
 from api import SHUTDOWN_GRACE
-from openai_api import create_app
-from openai_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
+from http_api import create_app
+from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest

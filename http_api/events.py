@@ -10,8 +10,8 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from openai_api.errors import APIError
-from openai_api.metrics import Metrics
+from http_api.errors import APIError
+from http_api.metrics import Metrics
 from spool import Spool
 from spool.protocol import TERMINAL, Delta, Event, Failed, Requeued
 

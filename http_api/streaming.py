@@ -5,27 +5,42 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 from pydantic import BaseModel
 
-from openai_api.errors import APIError
-from openai_api.events import EventFeed, KeepAlive
-from openai_api.replies import Reply
-from spool.protocol import Delta, Event, Failed, Final, Requeued, Usage
+from http_api.errors import APIError
+from http_api.events import EventFeed, KeepAlive
+from spool.protocol import Delta, Event, Failed, Final, Requeued
 
 log = logging.getLogger(__name__)
+
+
+class Reply(Protocol):
+    """One request's answer in one API's shapes (OpenAI's chat or text completion,
+    Anthropic's message): whole, or as server-sent event frames."""
+
+    keepalive: str
+
+    def whole(self, text: str, final: Final) -> BaseModel: ...
+
+    def opening(self) -> list[str]: ...
+
+    def delta(self, text: str) -> list[str]: ...
+
+    def closing(self, final: Final) -> list[str]: ...
+
+    def failure(self, err: APIError) -> str: ...
 
 
 def _client_gone() -> APIError:
     return APIError(499, "client closed the connection", code="client_closed")
 
 
-def _finished(feed: EventFeed, final: Final) -> Usage:
+def _finished(feed: EventFeed, final: Final) -> None:
     feed.metrics.finished(final.usage)
     log.info("request %s finished: %s, %d+%d tokens in %.3f s", feed.request_id, final.finish_reason,
              final.usage.prompt_tokens, final.usage.completion_tokens, time.monotonic() - feed.queued_at)
-    return final.usage
 
 
 async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
@@ -40,7 +55,8 @@ async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
             elif isinstance(event, Failed):
                 raise APIError.of(event)
             elif isinstance(event, Final):
-                return reply.whole("".join(parts), event.finish_reason, _finished(feed, event))
+                _finished(feed, event)
+                return reply.whole("".join(parts), event)
         raise _client_gone()
     finally:
         feed.close("client gone or timed out")
@@ -49,7 +65,7 @@ async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
 async def first_event(feed: EventFeed, events: AsyncIterator[Event | KeepAlive]) -> Event:
     """Wait until rank 0 starts the request (or ends it) before answering a streaming
     request, so that a refusal or a timeout in the queue still gets its proper HTTP
-    status, while the headers and the opening chunk go out during the prefill."""
+    status, while the headers and the opening frames go out during the prefill."""
     try:
         async for event in events:
             if isinstance(event, Failed):
@@ -81,48 +97,37 @@ class FreshText:
         return fresh
 
 
-def sse(obj: BaseModel) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
-
-
-async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], first: Event, reply: Reply,
-                 include_usage: bool) -> AsyncIterator[str]:
+async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], first: Event,
+                 reply: Reply) -> AsyncIterator[str]:
     """The server-sent events of a streaming request, from its first event on (usually
-    `started`, when the opening chunk goes out). Events ready together go out in one
-    write (the closing chunk with the usage and [DONE]), so a client gets them in one read."""
+    `started`, when the opening frames go out). Frames ready together go out in one
+    write (the closing ones together), so a client gets them in one read."""
     # Starlette watches for the disconnect itself while it streams.
     feed.client = None
     fresh = FreshText()
-    ready: list[str] = []
+    ready: list[str] = reply.opening()
     try:
-        opening = reply.opening()
-        if opening is not None:
-            ready.append(sse(opening))
         event: Event | KeepAlive | None = first
         while event is not None:
             if isinstance(event, KeepAlive):
-                ready.append(": keep-alive\n\n")
+                ready.append(reply.keepalive)
             elif isinstance(event, Delta) and (text := fresh.take(event.text)):
-                ready.append(sse(reply.delta(text)))
+                ready += reply.delta(text)
             elif isinstance(event, Requeued):
                 fresh.restart()
             elif isinstance(event, Failed):
-                ready.append(sse(APIError.of(event).envelope()))
+                ready.append(reply.failure(APIError.of(event)))
                 yield "".join(ready)
                 return
             elif isinstance(event, Final):
-                usage = _finished(feed, event)
-                ready.append(sse(reply.closing(event.finish_reason)))
-                if include_usage:
-                    ready.append(sse(reply.usage(usage)))
-                ready.append("data: [DONE]\n\n")
-                yield "".join(ready)
+                _finished(feed, event)
+                yield "".join(ready + reply.closing(event))
                 return
             if ready:
                 yield "".join(ready)
                 ready.clear()
             event = await anext(events, None)
     except APIError as err:  # raised by the feed, so nothing is left in `ready`
-        yield sse(err.envelope())
+        yield reply.failure(err)
     finally:
         feed.close("client disconnected or timed out mid-stream")

@@ -13,15 +13,19 @@ from spool.protocol import SamplingParams, Usage
 MAX_STOP_STRINGS = 16
 
 
-# Requests
+# Requests: a field we do not support is refused (400 naming it), never silently ignored.
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -32,13 +36,14 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Strict):
     """Fields shared by chat and text completions. None means "the default" throughout,
-    since some clients send explicit nulls."""
+    since some clients send explicit nulls. Penalties and logit_bias act as mlx-lm's
+    logits processors do (penalties over the last 20 tokens)."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -47,12 +52,19 @@ class GenerationRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    # Accepted because they cannot change the output.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -60,6 +72,13 @@ class GenerationRequest(BaseModel):
         if n not in (None, 1):
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        if bias and not all(-100 <= value <= 100 for value in bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -77,13 +96,20 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams.pick(self.model_dump())
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """The request's sampling fields over the served model's defaults."""
+        given = {name: value for name in SamplingParams.model_fields
+                 if (value := getattr(self, name, None)) is not None}
+        return defaults.model_copy(update=given)
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    def chat(self) -> list[dict]:
+        """The conversation as a chat template takes it."""
+        return [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in self.messages]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
