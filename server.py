@@ -14,14 +14,17 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 from config import settings_or_exit
 from distributed.cluster import Cluster, start_cluster
 from distributed.doorbell import RingBroken
-from distributed.group import init_group
-from distributed.pipeline import RequestError
+from distributed.follower import follow
+from distributed.limits import RequestError
+from distributed.sequence import TokenResult
+from distributed.world import join_world
 from spool.protocol import Delta, Failed, Final, SamplingParams, SpoolRequest, Started, Timings, Usage
 from models import served_name
 from spool import Spool
@@ -75,19 +78,15 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
     tokenizer = cluster.tokenizer
     params = SamplingParams.pick(vars(args))
     tokens: list[int] = []
-    finish_reason = "length"
     prompt = encode_prompt(tokenizer, args.prompt, args.chat)
     try:
         started = time.perf_counter()
-        steps = cluster.scheduler.generate(prompt, params, max_tokens)
-        for token in steps:
-            if not tokens:
-                first_token_at = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                finish_reason = "stop"
-                break
-            tokens.append(token)
-        steps.close()
+        first_token_at = None
+        for drawn in cluster.scheduler.generate(prompt, params, max_tokens):
+            first_token_at = first_token_at or time.perf_counter()
+            if drawn.in_completion:
+                tokens.append(drawn.token)
+            finish_reason = drawn.finish_reason
         finished = time.perf_counter()
     except RequestError as err:
         log.error("request refused: %s", err)
@@ -126,7 +125,6 @@ class Reply:
 
     request_id: str
     prompt_tokens: int
-    max_tokens: int
     stream: TextStream
     cached_tokens: int
     started: float
@@ -178,7 +176,7 @@ class Serving:
         requeued = self.spool.requeue_claimed()
         if requeued:
             log.info("requeued %d requests left unfinished by the last run", len(requeued))
-        events: list[tuple[int, int]] = []
+        events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
             self.admit()
@@ -190,7 +188,7 @@ class Serving:
                 events = self.scheduler.collect()
             else:
                 # The other ranks sleep on their doorbells meanwhile.
-                self.cluster.pipeline.check_ring()
+                self.cluster.pipeline.transport.check_ring()
                 self.spool.wait_for_work(self.settings.poll_interval)
         self.write_out(events)
         log.info("stopping; %d requests stay claimed for the next start", len(self.replies))
@@ -222,46 +220,46 @@ class Serving:
             # The API starts its response now, so the first token travels alone.
             self.spool.append(request_id, Started())
             cached = self.scheduler.sequences[seq].cached
-            stream = TextStream(self.cluster.tokenizer, request.stop)
-            self.replies[seq] = Reply(request_id, len(prompt), request.max_tokens, stream, cached,
-                                      claim.started, claim.claimed_at)
+            stream = TextStream(self.cluster.tokenizer, request.stop, partial(self.scheduler.finish, seq))
+            self.replies[seq] = Reply(request_id, len(prompt), stream, cached, claim.started, claim.claimed_at)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info(
                 "request %s: %d prompt tokens (%d cached), %d active",
                 request_id, len(prompt), cached, len(self.replies),
             )
 
-    def write_out(self, events: list[tuple[int, int]]) -> None:
+    def write_out(self, events: list[TokenResult]) -> None:
         """Tokens into their requests' streams; then cancelled requests end."""
-        for seq, token in events:
-            self.on_token(seq, token)
+        for result in events:
+            self.on_token(result)
         self.check_cancelled()
 
-    def on_token(self, seq: int, token: int) -> None:
-        reply = self.replies[seq]
+    def on_token(self, result: TokenResult) -> None:
+        """Write a token's text, and the end the scheduler or a stop string gives."""
+        reply = self.replies[result.seq]
         reply.first_token = reply.first_token or time.perf_counter()
-        if token in self.cluster.tokenizer.eos_token_ids:
-            self.end(seq, "stop")
-            return
-        reply.completion += 1
-        text, hit = reply.stream.add(token)
-        if text or hit:
-            self.spool.append(reply.request_id, Delta(text=text, token_ids=[token]))
-        if hit:
-            self.end(seq, "stop", stop_text_hit=True)
-        elif reply.completion >= reply.max_tokens:
-            self.end(seq, "length")
+        if result.in_completion:
+            reply.completion += 1
+            text, hit = reply.stream.add(result.token)
+            if text or hit:
+                self.spool.append(reply.request_id, Delta(text=text, token_ids=[result.token]))
+            if hit:
+                self.end(result.seq, "stop")
+                return
+        if result.finish_reason is not None:
+            self.end(result.seq, result.finish_reason)
 
     def check_cancelled(self) -> None:
         for seq, reply in list(self.replies.items()):
             if self.spool.is_cancelled(reply.request_id):
+                self.scheduler.finish(seq)
                 self.end(seq, "cancelled")
 
-    def end(self, seq: int, finish_reason: str, stop_text_hit: bool = False) -> None:
-        """Write a request's final record; its sequence leaves the ring."""
-        self.scheduler.finish(seq)
+    def end(self, seq: int, finish_reason: str) -> None:
+        """Write a request's final record (its sequence is finished on the ring already)."""
         reply = self.replies.pop(seq)
-        if not stop_text_hit:
+        stop_sequence = reply.stream.stop.reached
+        if stop_sequence is None:
             # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = reply.stream.finish()
             if tail:
@@ -270,7 +268,8 @@ class Serving:
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
-        self.spool.finish(reply.request_id, Final(finish_reason=finish_reason, usage=usage, timings=timings))
+        final = Final(finish_reason=finish_reason, stop_sequence=stop_sequence, usage=usage, timings=timings)
+        self.spool.finish(reply.request_id, final)
         log.info(
             "request %s: %s after %d tokens in %.2fs",
             reply.request_id, finish_reason, reply.completion, now - reply.started,
@@ -293,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints where each thread of a rank is, for a ring that looks stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = settings_or_exit()
-    group = init_group(settings.backend)
-    setup_logging(settings.log_level, group.rank(), args.log_file)
+    world = join_world(settings.backend)
+    setup_logging(settings.log_level, world.rank(), args.log_file)
     spool = None
-    if args.prompt is None and group.rank() == 0:
+    if args.prompt is None and world.rank() == 0:
         spool = Spool(settings.spool_dir)
         spool.write_heartbeat({"state": "loading", "model": served_name(settings.model_repo)})
     try:
-        cluster = start_cluster(settings, group)
+        cluster = start_cluster(settings, world)
     except ValueError as err:
         log.error("%s", err)
         if spool is not None:
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if not cluster.stage.is_first:
-            cluster.pipeline.follow()
+            follow(cluster.pipeline)
             log.info("released by rank 0; exiting")
             return 0
         if args.prompt is not None:

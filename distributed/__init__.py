@@ -1,4 +1,4 @@
-"""The ring: the MLX group, the layer split, loading a stage and the step loop.
+"""The ring: joining the world, the layer split, loading a stage and the step loop.
 
 Every module here imports MLX, and on Linux the BLAS that MLX calls is bound when MLX is
 first imported. Choosing it here (FAST_BLAS, see config/blas.py) comes before any of them,

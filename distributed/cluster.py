@@ -1,4 +1,4 @@
-"""Bring one rank up: join the group, agree on the layer split, load the stage."""
+"""Bring one rank up: join the world, agree on the layer split, load the stage."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import mlx.core as mx
 
 from config import Settings
 from distributed.doorbell import connect, listen, rank_addresses
-from distributed.group import all_gather_json, rank_record
+from distributed.world import all_gather_json, rank_record
 from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
-from distributed.pipeline import Limits, Pipeline
+from distributed.limits import Limits
+from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
 from distributed.split import plan_split
 from distributed.shard import (
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class Cluster:
     """Everything one rank holds once the ring is up."""
 
-    group: mx.distributed.Group
+    world: mx.distributed.Group
     stage: Stage
     pipeline: Pipeline
     scheduler: Optional[Scheduler]  # rank 0 only
@@ -60,17 +61,17 @@ def micro_batches(settings: Settings, ranks: list[dict]) -> int:
     return min(settings.micro_batches or machines, len(ranks))
 
 
-def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
+def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
-    rank, size = group.rank(), group.size()
+    rank, size = world.rank(), world.size()
     model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
     path = local_model_path(model_ref)
     num_layers = count_layers(path)
-    records = all_gather_json(group, rank_record(rank))
+    records = all_gather_json(world, rank_record(rank))
     bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
     stage = Stage(rank, size, *bounds[rank])
     log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
-    model, config = load_stage(model_ref, stage, group, path)
+    model, config = load_stage(model_ref, stage, world, path)
 
     kv = kv_settings(settings)
     per_token = kv_bytes_per_token(
@@ -84,7 +85,7 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         "kv_bytes_per_token": per_token,
         "doorbell": listener.getsockname()[1] if listener else None,
     }
-    ranks = all_gather_json(group, record)
+    ranks = all_gather_json(world, record)
     bell = None
     if listener is not None:
         peer = stage.next_rank
@@ -96,7 +97,7 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         kv,
     )
     log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
-    pipeline = Pipeline(model, stage, group, kv, bell)
+    pipeline = Pipeline(model, stage, world, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
         prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
@@ -105,4 +106,4 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
             frozenset(tokenizer.eos_token_ids),
         )
-    return Cluster(group, stage, pipeline, scheduler, ranks, path, config, tokenizer)
+    return Cluster(world, stage, pipeline, scheduler, ranks, path, config, tokenizer)

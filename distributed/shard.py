@@ -84,11 +84,11 @@ class SkippedLayer(nn.Module):
 class _LayerWrapper(nn.Module):
     """Runs a local layer; attribute reads fall through to it."""
 
-    def __init__(self, layer: nn.Module, peer: int, group: mx.distributed.Group):
+    def __init__(self, layer: nn.Module, peer: int, world: mx.distributed.Group):
         super().__init__()
         self.layer = layer
         self.peer = peer
-        self.group = group
+        self.world = world
 
     def __getattr__(self, key: str) -> Any:
         if key in self:
@@ -102,7 +102,7 @@ class ReceiveHidden(_LayerWrapper):
     """First local layer of a later stage: its input comes from the previous rank."""
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
-        x = mx.distributed.recv_like(x, self.peer, group=self.group)
+        x = mx.distributed.recv_like(x, self.peer, group=self.world)
         return self.layer(x, *args, **kwargs)
 
 
@@ -114,7 +114,7 @@ class SendHidden(_LayerWrapper):
         # A plain attribute, not a parameter: the pipeline computes it before the
         # send, to ring the next rank's doorbell in between.
         object.__setattr__(self, "sending", x)
-        return mx.distributed.send(x, self.peer, group=self.group)
+        return mx.distributed.send(x, self.peer, group=self.world)
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -254,7 +254,7 @@ def hidden_dtype(model: nn.Module) -> mx.Dtype:
     return model.model.embed_tokens(mx.array([[0]])).dtype
 
 
-def prune_to_stage(model: nn.Module, stage: Stage, group: mx.distributed.Group) -> None:
+def prune_to_stage(model: nn.Module, stage: Stage, world: mx.distributed.Group) -> None:
     """Replace everything this stage does not run, and wire the ring hops."""
     inner = model.model
     layers = inner.layers
@@ -262,10 +262,10 @@ def prune_to_stage(model: nn.Module, stage: Stage, group: mx.distributed.Group) 
         if not stage.start <= i < stage.end:
             layers[i] = SkippedLayer(layers[i])
     if not stage.is_first:
-        layers[stage.start] = ReceiveHidden(layers[stage.start], stage.prev_rank, group)
+        layers[stage.start] = ReceiveHidden(layers[stage.start], stage.prev_rank, world)
     if not stage.is_last:
         last = stage.end - 1
-        layers[last] = SendHidden(layers[last], stage.next_rank, group)
+        layers[last] = SendHidden(layers[last], stage.next_rank, world)
 
     tied = "lm_head" not in model
     hidden = PlaceholderEmbedding(model.args.hidden_size, hidden_dtype(model))
@@ -314,14 +314,14 @@ def materialize(model: nn.Module, stage: Stage) -> None:
 
 
 def load_stage(
-    model: str, stage: Stage, group: mx.distributed.Group, path: Optional[Path] = None
+    model: str, stage: Stage, world: mx.distributed.Group, path: Optional[Path] = None
 ) -> tuple[nn.Module, dict]:
     """Build the model skeleton lazily, cut it to `stage`, then read only what is left."""
     path = path or local_model_path(model)
     fetch_stage_weights(model, path, stage)
     net, config = load_model(path, lazy=True, strict=False)
     check_supported(net)
-    prune_to_stage(net, stage, group)
+    prune_to_stage(net, stage, world)
     materialize(net, stage)
     log.info(
         "stage ready: layers %d-%d of %d, %.1f MB of parameters",

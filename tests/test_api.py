@@ -3,7 +3,7 @@
 The first tests need no generation and run with no rank at all (or, for the 504 and the
 queued-disconnect cases, with a heartbeat the test writes itself: a ring that looks up but
 never claims). Everything that generates runs against the real rank 0 (`python server.py`
-in serve mode, a group of one) on a tiny model, and compares what it gets with
+in serve mode, a world of one) on a tiny model, and compares what it gets with
 single-process mlx-lm.
 """
 
