@@ -78,7 +78,7 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     per_token = kv_bytes_per_token(
         local_layers(model, stage), model.args.hidden_size, hidden_dtype(model)
     )
-    addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
+    addresses = rank_addresses(size, settings.cluster_hosts()) if size > 1 else []
     listener = listen(addresses[rank]) if size > 1 else None
     record = rank_record(rank) | {
         "layers": [stage.start, stage.end],
