@@ -108,10 +108,11 @@ class Scheduler:
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
     def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0,
-               grammar: Optional[str] = None) -> int:
+               grammar: Optional[str] = None, logprobs: Optional[int] = None) -> int:
         """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
         tokens at the end of `prompt` it generated before a restart (`max_tokens`
-        counts those still to draw); `grammar`: what its output must follow."""
+        counts those still to draw); `grammar`: what its output must follow; `logprobs`:
+        each token's log-probability wanted, with that many top alternatives."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
         constraint = None
         try:
@@ -133,10 +134,13 @@ class Scheduler:
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())
-        self.pipeline.table.batches[batch].samplers[0].constraint = constraint
+        sampler = self.pipeline.table.batches[batch].samplers[0]
+        sampler.constraint = constraint
+        if logprobs is not None:
+            sampler.logprob_log, sampler.top_logprobs = deque(), logprobs
         cached = reuse.tokens if reuse else 0
         self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached,
-                                       constraint=constraint)
+                                       constraint=constraint, logprob_log=sampler.logprob_log)
         self.micro_batches[batch] = MicroBatch(batch, [seq])
         self._requeue(self.micro_batches[batch])
         self.reserved += reserved

@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from config import Settings
 from http_api.errors import APIError
 from http_api.events import EventFeed, heartbeat_problem
+from http_api.logprobs import LogprobText
 from http_api.replies import ChatReply, CompletionReply
 from http_api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from http_api.streaming import Reply, collect, first_event, stream
@@ -76,6 +77,7 @@ class Work:
     stream: bool
     param: str  # the request field that holds the prompt, named in errors
     grammar: str | None = None  # what the output must follow (structured outputs, tool calls)
+    logprobs: int | None = None  # log-probabilities wanted, with this many top alternatives
 
 
 ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
@@ -97,7 +99,8 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
         # Kept in the spool, so a request resumed after a ring restart draws as it would have.
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=sampling, stop=work.stop, grammar=work.grammar, created=int(time.time()))
+                          sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
+                          created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
@@ -118,15 +121,16 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
 def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingParams) -> Work:
     chat = isinstance(body, ChatCompletionRequest)
     return Work("chat" if chat else "completion", prompt, body.requested_max_tokens(), body.sampling(defaults),
-                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar())
+                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar(), body.wanted_logprobs())
 
 
 async def complete(request: Request, body: CompletionRequest) -> Any:
     """Answer an OpenAI text completion."""
     served = request.app.state.model
     work = openai_work(body, served.tokenizer.encode(body.prompt), served.defaults)
+    logprob_text = LogprobText(served.tokenizer) if work.logprobs is not None else None
     return await answer(request, work, lambda request_id, created: CompletionReply(
-        request_id, created, body.model, body.include_usage()))
+        request_id, created, body.model, body.include_usage(), logprob_text))
 
 
 async def chat(request: Request, body: ChatCompletionRequest) -> Any:
@@ -137,5 +141,7 @@ async def chat(request: Request, body: ChatCompletionRequest) -> Any:
     work = openai_work(body, chat_tokens(tokenizer, body.chat(), tools), request.app.state.model.defaults)
     if grammar := tool_grammar(tokenizer, body):
         work = replace(work, grammar=grammar)
+    tool_text = ToolCallText(tokenizer, tools) if tools else None
+    logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
     return await answer(request, work, lambda request_id, created: ChatReply(
-        request_id, created, body.model, body.include_usage(), ToolCallText(tokenizer, tools) if tools else None))
+        request_id, created, body.model, body.include_usage(), tool_text, logprob_text))

@@ -56,7 +56,8 @@ def _prompt(model: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("field", [{"presence_penalty": 0.5, "functions": []}, {"modalities": ["text"]},
-                                   {"logprobs": True}, {"audio": {"voice": "x"}}, {"stream_options": {"x": 1}}])
+                                   {"prediction": {"type": "content"}}, {"audio": {"voice": "x"}},
+                                   {"stream_options": {"x": 1}}])
 def test_unknown_fields_are_refused_naming_them(api: ApiServer, field: dict) -> None:
     name = next(k for k in field if k != "presence_penalty")
     response = api.post("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, **field})
