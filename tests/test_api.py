@@ -336,11 +336,12 @@ def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
 
 
 @contextmanager
-def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1,
+def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1, api_settings: dict | None = None,
                  **settings: str) -> Iterator[tuple[ApiServer, RankProcess]]:
-    """Serving ranks (`settings` are theirs) and the API on one spool, both on `model`."""
+    """Serving ranks (`settings` are theirs) and the API (with `api_settings`) on one
+    spool, both on `model`."""
     rank = RankProcess(model, spool_dir, ranks=ranks, **settings)
-    with ApiServer(_ring_settings(model, spool_dir)) as api:
+    with ApiServer(_ring_settings(model, spool_dir, **(api_settings or {}))) as api:
         rank.start()
         try:
             yield api, rank

@@ -11,7 +11,7 @@ import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.generate import generate_step
-from test_api import ApiServer, RankProcess, _load, _ring_settings
+from test_api import ApiServer, _load, ring_and_api
 
 from models.tiny import make_tiny_model
 
@@ -27,13 +27,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(model, spool_dir)
-    with ApiServer(_ring_settings(model, spool_dir, served_model_name="tiny")) as server:
-        rank.start()
-        try:
-            yield server
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+        yield server
 
 
 def _reference(model: Path, prompt: list[int]) -> list[tuple[int, mx.array]]:

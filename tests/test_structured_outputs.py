@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from test_api import ApiServer, RankProcess, _mlx_lm_greedy, _ring_settings
+from test_api import ApiServer, _mlx_lm_greedy, ring_and_api
 
 from models.tiny import make_tiny_model
 
@@ -50,13 +50,8 @@ def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiSe
     """The API over two ranks (MPI): tokens come back from the last rank to rank 0, which
     masks the logits with each sequence's grammar before it samples."""
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(model, spool_dir, ranks=2)
-    with ApiServer(_ring_settings(model, spool_dir, served_model_name="tiny")) as server:
-        rank.start()
-        try:
-            yield server
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, ranks=2, api_settings={"served_model_name": "tiny"}) as (server, _):
+        yield server
 
 
 def _create(api: ApiServer, seed: int, **extra):
@@ -112,18 +107,12 @@ class City(BaseModel):
 
 def test_parse_with_a_pydantic_model_on_the_default_model(default_model: Path, tmp_path: Path) -> None:
     """The official client's `parse`, 20 times in a row on the real default model."""
-    spool_dir = tmp_path / "spool"
-    rank = RankProcess(default_model, spool_dir)
-    with ApiServer(_ring_settings(default_model, spool_dir, served_model_name="smol")) as api:
-        rank.start()
-        try:
-            client = api.client(timeout=120)
-            started = time.monotonic()
-            for seed in range(20):
-                reply = client.chat.completions.parse(
-                    model="smol", response_format=City, max_tokens=60, temperature=0.7, seed=seed,
-                    messages=[{"role": "user", "content": "Name a large European city, as JSON."}])
-                assert isinstance(reply.choices[0].message.parsed, City), reply
-            print(f"20 parsed replies in {time.monotonic() - started:.1f} s")
-        finally:
-            rank.stop()
+    with ring_and_api(default_model, tmp_path / "spool", api_settings={"served_model_name": "smol"}) as (api, _):
+        client = api.client(timeout=120)
+        started = time.monotonic()
+        for seed in range(20):
+            reply = client.chat.completions.parse(
+                model="smol", response_format=City, max_tokens=60, temperature=0.7, seed=seed,
+                messages=[{"role": "user", "content": "Name a large European city, as JSON."}])
+            assert isinstance(reply.choices[0].message.parsed, City), reply
+        print(f"20 parsed replies in {time.monotonic() - started:.1f} s")

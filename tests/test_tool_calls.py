@@ -11,7 +11,7 @@ from typing import Iterator
 import jsonschema
 import openai
 import pytest
-from test_api import ApiServer, RankProcess, _ring_settings
+from test_api import ApiServer, _ring_settings, ring_and_api
 
 from models.tiny import make_tiny_model
 
@@ -56,13 +56,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(model, spool_dir)
-    with ApiServer(_ring_settings(model, spool_dir, served_model_name="tiny")) as server:
-        rank.start()
-        try:
-            yield server
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+        yield server
 
 
 def _client(api: ApiServer) -> openai.OpenAI:
