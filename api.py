@@ -1,5 +1,5 @@
 """HTTP front entry point: `python api.py` serves the OpenAI-compatible API (the
-`openai_api` package) on API_HOST:API_PORT. The front never talks to the ranks
+`http_api` package) on API_HOST:API_PORT. The front never talks to the ranks
 directly, only through the spool, so it stays up, and keeps accepting requests,
 while the ring restarts.
 """
@@ -12,7 +12,7 @@ import sys
 import uvicorn
 
 from config import settings_or_exit
-from openai_api import create_app
+from http_api import create_app
 
 # s a stopping API lets its requests finish; then uvicorn cancels them, which cancels them in
 # the spool too (their clients are cut off). Well under the launcher's kill grace, so that an

@@ -48,7 +48,7 @@ from openai import OpenAI
 REPO = Path(__file__).resolve().parent.parent
 
 # distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
-from distributed.group import point_mlx_at_mpi
+from distributed.world import point_mlx_at_mpi
 from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT
 from bench.bench_model import DEFAULT_DIR, make_bench_model, parameter_count
 from bench.ring import (

@@ -58,6 +58,11 @@ def use_blas(fast: bool | None = None) -> str:
     return _in_use
 
 
+def blas_in_use() -> str:
+    """The choice use_blas made in this process; "reference" if it was never called."""
+    return _in_use or REFERENCE
+
+
 def _fast_blas_setting() -> bool:
     try:
         return load_settings().fast_blas

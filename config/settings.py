@@ -11,6 +11,8 @@ from typing import Literal, Optional
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.hosts import Host, cluster_hosts, split_hosts
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -33,8 +35,19 @@ class Settings(BaseSettings):
     model_repo: Optional[str] = None
     model_cache_dir: Path = Path.home() / ".cache" / "mlx-ring" / "models"
 
+    # Model names requests may use, comma-separated (the first is the one /v1/models lists
+    # first); empty: MODEL_REPO as given, or the default model's name
+    served_model_name: str = ""
+
     # Generation
     default_max_tokens: int = Field(512, ge=1)
+    # Sampling defaults for requests that leave a field out; over the model's
+    # generation_config.json, which is over OpenAI's defaults
+    default_temperature: Optional[float] = Field(None, ge=0, le=2)
+    default_top_p: Optional[float] = Field(None, gt=0, le=1)
+    default_top_k: Optional[int] = Field(None, ge=0)
+    default_min_p: Optional[float] = Field(None, ge=0, le=1)
+    default_repetition_penalty: Optional[float] = Field(None, gt=0)
     max_sequence_length: int = Field(8192, ge=2)
     prefill_step_size: int = Field(2048, ge=1)
 
@@ -63,12 +76,14 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8100, ge=1, le=65535)
     api_key: Optional[str] = None
+    # Browser origins allowed to call the API (CORS), comma-separated; "*" for any; empty: off
+    cors_origins: str = ""
     request_timeout: float = Field(600.0, gt=0)
     max_request_bytes: int = Field(1_048_576, ge=1024)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    # Launch (read by launch.sh through `python -m config`)
+    # Launch (read by the launcher, launcher/)
     ranks: int = Field(1, ge=1)
     hosts: str = ""
     hostfile: Optional[Path] = None
@@ -79,6 +94,20 @@ class Settings(BaseSettings):
     stop_timeout: int = Field(30, ge=1)
     log_dir: Path = REPO_DIR / "logs"
     run_dir: Path = REPO_DIR / "run"
+
+    def cluster_hosts(self) -> list[Host]:
+        """The hosts HOSTS or HOSTFILE name, in rank order; empty for this machine alone."""
+        return cluster_hosts(self.hosts, self.hostfile, self.ssh_user)
+
+    def sampling_defaults(self) -> dict:
+        """DEFAULT_TEMPERATURE and the like, by SamplingParams' field names."""
+        prefix = "default_"
+        return {name[len(prefix):]: value for name, value in self if name.startswith(prefix)
+                and name != "default_max_tokens" and value is not None}
+
+    @staticmethod
+    def split_list(value: str) -> list[str]:
+        return [part.strip() for part in value.split(",") if part.strip()]
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -94,10 +123,7 @@ class Settings(BaseSettings):
     @field_validator("hosts")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        hosts = [h.strip() for h in value.split(",")] if value.strip() else []
-        if not all(re.fullmatch(r"[A-Za-z0-9.:-]+", h) for h in hosts):
-            raise ValueError(f"must be comma-separated IP addresses or hostnames, in rank order; got {value!r}")
-        return ",".join(hosts)
+        return ",".join(split_hosts(value))
 
     @field_validator("hostfile")
     @classmethod

@@ -1,10 +1,6 @@
-"""The ring: the MLX group, the layer split, loading a stage and the step loop.
+"""The ring: joining the world, the layer split, loading a stage, rank 0's scheduler and
+serving loop, and the followers' loop.
 
-Every module here imports MLX, and on Linux the BLAS that MLX calls is bound when MLX is
-first imported. Choosing it here (FAST_BLAS, see config/blas.py) comes before any of them,
-so every process that runs our MLX code gets the configured BLAS, whatever its entry point.
+Every module here imports MLX, whose BLAS is bound when MLX is first imported: entry
+points choose it first (`config.blas.use_blas`), as server.py does.
 """
-
-from config.blas import use_blas
-
-use_blas()

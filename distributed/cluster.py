@@ -1,4 +1,4 @@
-"""Bring one rank up: join the group, agree on the layer split, load the stage."""
+"""Bring one rank up: join the world, agree on the layer split, load the stage."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from typing import Optional
 import mlx.core as mx
 
 from config import Settings
+from distributed.constraint import Grammars
 from distributed.doorbell import connect, listen, rank_addresses
-from distributed.group import all_gather_json, rank_record
 from distributed.anatomy import Anatomy
 from distributed.kv_cache import (
     KVFootprint, KVSettings, batching_refusal, prefix_refusal, refuse_batching, tokens_capacity,
 )
 from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_anatomy
-from distributed.pipeline import Limits, Pipeline
+from distributed.limits import Limits
+from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
 from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
 from distributed.stage_checks import check_batching, check_kv_bits, measure_footprint
+from distributed.world import all_gather_json, rank_record
 from distributed.split import plan_split
-from models import resolve_model
+from models import resolve_model, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ ERROR_CHARS = 240  # of a rank's error or refusal, shared in its start record (R
 class Cluster:
     """Everything one rank holds once the ring is up."""
 
-    group: mx.distributed.Group
+    world: mx.distributed.Group
     stage: Stage
     pipeline: Pipeline
     scheduler: Optional[Scheduler]  # rank 0 only
@@ -72,13 +74,13 @@ def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, 
     return model, config, footprint, check_batching(model, stage.start, stage.end, kv)
 
 
-def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
+def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
-    rank, size = group.rank(), group.size()
+    rank, size = world.rank(), world.size()
     model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
     path = local_model_path(model_ref)
     plan = plan_anatomy(path)
-    records = all_gather_json(group, rank_record(rank))
+    records = all_gather_json(world, rank_record(rank))
     bounds = plan_split(settings.layer_split, plan.count, [r["memory"] for r in records])
     stage = Stage(rank, size, *bounds[rank])
     log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
@@ -92,14 +94,14 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         # Every rank fails alike: the others are waiting for this rank's record.
         record["error"] = str(err)[:ERROR_CHARS]
         failure = err
-    addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
+    addresses = rank_addresses(size, settings.cluster_hosts()) if size > 1 else []
     listener = listen(addresses[rank]) if size > 1 and failure is None else None
     record["doorbell"] = listener.getsockname()[1] if listener else None
-    ranks = all_gather_json(group, record)
+    ranks = all_gather_json(world, record)
     for r in ranks:
         if "error" in r:
             raise failure or ValueError(f"rank {r['rank']}: {r['error']}")
-    attach_hops(model, ring_hops(stage, group))
+    attach_hops(model, ring_hops(stage, world))
     bell = None
     if listener is not None:
         peer = stage.next_rank
@@ -110,7 +112,7 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
     # Batching is off ring-wide where any rank's check refused it: rank 0 groups for all.
     refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
     kv = kv_settings(settings)
-    pipeline = Pipeline(model, stage, group, kv, bell)
+    pipeline = Pipeline(model, stage, world, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
         for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
@@ -121,6 +123,6 @@ def start_cluster(settings: Settings, group: mx.distributed.Group) -> Cluster:
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks),
-            frozenset(tokenizer.eos_token_ids),
+            frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
         )
-    return Cluster(group, stage, pipeline, scheduler, ranks, path, config, tokenizer)
+    return Cluster(world, stage, pipeline, scheduler, ranks, path, config, tokenizer)

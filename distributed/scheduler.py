@@ -1,16 +1,18 @@
 """Rank 0's scheduler: continuous batching, with micro-batches in flight around the ring.
 
-Active sequences are split into up to MICRO_BATCHES decode groups (by default
-one per machine); every group has at most one step in flight, and up to that many
-steps are in flight in all, so under load each machine works on a different group
-at once. Ranks that share a machine share its cores: there, one step at a time
-lets each rank compute on all of them while the others sleep. New sequences are
-prefilled in chunks between other groups' steps: prompts that arrive together go
-through as one group, right-padded to one length as mlx-lm's batch generator does,
-while a chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes
-alone. A prefilled group then joins the smallest decode group (mlx-lm's batch
-caches take its sequences as new rows).
-A group's next step is built on its tokens before they arrive; a sequence that
+A micro-batch is the sequences rank 0 steps around the ring together; on every rank
+it is one batch of the table (`distributed.batch_table`), under the same id. Active
+sequences are split into up to MICRO_BATCHES decoding micro-batches (by default one
+per machine); each has at most one step in flight, and up to that many steps are in
+flight in all, so under load each machine works on a different micro-batch at once.
+Ranks that share a machine share its cores: there, one step at a time lets each rank
+compute on all of them while the others sleep. New sequences are prefilled in chunks
+between other micro-batches' steps: prompts that arrive together go through as one
+micro-batch, right-padded to one length as mlx-lm's batch generator does, while a
+chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes alone. A
+prefilled micro-batch then joins the smallest decoding one (mlx-lm's batch caches
+take its sequences as new rows).
+A micro-batch's next step is built on its tokens before they arrive; a sequence that
 ended meanwhile rides along that one step and leaves after it.
 """
 
@@ -25,50 +27,24 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from distributed.kv_cache import can_batch, can_reuse_prefixes
-from distributed.pipeline import (
-    OP_EVICT,
-    OP_LEAVE,
-    OP_MERGE,
-    OP_PREPARE,
-    OP_START,
-    OP_STEP,
-    SAMPLE,
-    SHARE_HEAD,
-    Header,
-    Limits,
-    Pipeline,
-    StepWork,
-)
+from distributed.limits import Limits, RequestError
+from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
+from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
-from distributed.sampling import SamplingParams
+from distributed.constraint import Grammars
+from distributed.sampling import SamplingParams, check_sampling
+from distributed.sequence import Sequence, TokenResult
+from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Sequence:
-    """One sequence as rank 0 tracks it."""
+class MicroBatch:
+    """Sequences rank 0 steps together: prompt chunks, then one token each per step.
+    `batch` is its id in every rank's batch table."""
 
-    group: int
-    tokens: list[int]  # the prompt, then every token generated
-    prompt_tokens: int
-    max_tokens: int
-    reserved: int  # KV tokens held for it
-    cached: int  # prompt tokens taken from the prompt cache
-    fed: int  # tokens the model has been given
-    finished: bool = False
-    left: bool = False
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_tokens
-
-
-@dataclass
-class Batch:
-    """Rank 0's view of a group."""
-
-    group: int
+    batch: int
     members: list[int]
     decoding: bool = False
     work: Optional[StepWork] = None  # its next decode step, built ahead
@@ -78,7 +54,7 @@ class Batch:
 class Flight:
     """A launched step whose tokens (or acknowledgement) are on their way back."""
 
-    group: int
+    batch: int
     members: list[int]
     results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
     sample: bool
@@ -93,21 +69,26 @@ class Scheduler:
         prompt_cache_tokens: int,
         micro_batches: int = 1,
         eos_token_ids: frozenset[int] = frozenset(),
+        vocab_size: Optional[int] = None,
+        grammars: Optional[Grammars] = None,
     ):
         self.pipeline = pipeline
+        self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.grammars = grammars
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
-        # Without batch caches (quantized KV), every sequence is a group of its own.
-        self.max_groups = micro_batches if can_batch(pipeline.model, pipeline.kv) else None
+        # Without batch caches (quantized KV), every sequence is a micro-batch of its own.
+        self.max_decoding = micro_batches if can_batch(pipeline.model, pipeline.kv) else None
         self.prompt_cache: Optional[PromptCacheIndex] = None
         if prompt_cache_tokens > 0 and can_reuse_prefixes(pipeline.model, pipeline.kv):
             self.prompt_cache = PromptCacheIndex(prompt_cache_tokens)
         self.sequences: dict[int, Sequence] = {}
-        self.batches: dict[int, Batch] = {}
-        self.ready: deque[int] = deque()  # groups to launch, in turn
-        self.waiting: list[int] = []  # prefilled groups of one, to merge into a decode group
+        self.micro_batches: dict[int, MicroBatch] = {}
+        self.ready: deque[int] = deque()  # micro-batches to launch, in turn
+        self.waiting: list[int] = []  # prefilled micro-batches, to merge into a decoding one
         self.flights: deque[Flight] = deque()
         self.reserved = 0
         self._next_id = 0
@@ -115,7 +96,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.batches or self.flights)
+        return bool(self.micro_batches or self.flights)
 
     @property
     def active(self) -> int:
@@ -126,30 +107,48 @@ class Scheduler:
         """Whether a request's KV reservation fits now; RequestError if it never will."""
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> int:
-        """Start a sequence; its tokens come out of `step`. Returns its id."""
+    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0,
+               grammar: Optional[str] = None, logprobs: Optional[int] = None) -> int:
+        """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
+        tokens at the end of `prompt` it generated before a restart (`max_tokens`
+        counts those still to draw); `grammar`: what its output must follow; `logprobs`:
+        each token's log-probability wanted, with that many top alternatives."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
+        constraint = None
+        try:
+            if self.vocab_size is not None:
+                check_sampling(params, self.vocab_size)
+            if grammar is not None:
+                constraint = self.grammars.constraint(grammar)
+                for token in prompt[len(prompt) - drawn:]:
+                    constraint.consume(token)
+        except ValueError as err:
+            raise RequestError(str(err), "invalid_sampling") from None
         reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
-        seq = group = self._next_id
+        seq = batch = self._next_id
         self._next_id += 1
         work = {
             "prompt": prompt,
             "params": params.model_dump(),
+            "drawn": drawn,
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
-        payload = json.dumps(work).encode()
-        self.pipeline.broadcast(Header(OP_START, group, seq), payload)
-        self.pipeline.open(group, seq, work)
+        self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())
+        sampler = self.pipeline.table.batches[batch].samplers[0]
+        sampler.constraint = constraint
+        if logprobs is not None:
+            sampler.logprob_log, sampler.top_logprobs = deque(), logprobs
         cached = reuse.tokens if reuse else 0
-        self.sequences[seq] = Sequence(group, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
-        self.batches[group] = Batch(group, [seq])
-        self._requeue(self.batches[group])
+        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached,
+                                       constraint=constraint, logprob_log=sampler.logprob_log)
+        self.micro_batches[batch] = MicroBatch(batch, [seq])
+        self._requeue(self.micro_batches[batch])
         self.reserved += reserved
         return seq
 
     def finish(self, seq: int) -> None:
-        """No more tokens wanted for `seq` (stop, cancel); it leaves its group
-        before that group's next step or right after it."""
+        """No more tokens wanted for `seq` (stop, cancel); it leaves its
+        micro-batch before that one's next step or right after it."""
         sequence = self.sequences.get(seq)
         if sequence is None:
             return
@@ -157,32 +156,31 @@ class Scheduler:
         if sequence.left:
             del self.sequences[seq]
 
-    def step(self) -> list[tuple[int, int]]:
+    def step(self) -> list[TokenResult]:
         """Launch what may go, then wait for the oldest step in flight; returns
-        the (sequence, token) pairs it produced."""
+        the tokens it produced."""
         self.launch()
         return self.collect()
 
     def launch(self) -> None:
         """Start every step that may go; they compute while the caller goes on."""
         self._promote_waiting()
-        while len(self.flights) < self.max_in_flight and (batch := self._next_to_launch()) is not None:
-            self._launch(batch)
+        while len(self.flights) < self.max_in_flight and (micro := self._next_to_launch()) is not None:
+            self._launch(micro)
 
-    def collect(self) -> list[tuple[int, int]]:
-        """Wait for the oldest step in flight; returns the (sequence, token) pairs it
-        produced. A sequence that drew an end-of-sequence token is finished here,
-        so the next launch leaves it out."""
+    def collect(self) -> list[TokenResult]:
+        """Wait for the oldest step in flight; returns the tokens it produced. A
+        sequence whose token ends it (`Sequence.draw`) is finished here, so the next
+        launch leaves it out."""
         return self._collect() if self.flights else []
 
-    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[int]:
-        """One sequence's tokens; the caller stops early by closing the generator."""
+    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> Iterator[TokenResult]:
+        """One sequence's tokens, the last with its finish reason; the caller stops
+        early by closing the generator."""
         seq = self.submit(prompt, params, max_tokens)
         try:
             while seq in self.sequences and not self.sequences[seq].finished:
-                for produced, token in self.step():
-                    if produced == seq:
-                        yield token
+                yield from (result for result in self.step() if result.seq == seq)
         finally:
             self.finish(seq)
 
@@ -198,103 +196,101 @@ class Scheduler:
 
     # Launching steps.
 
-    def _next_to_launch(self) -> Optional[Batch]:
+    def _next_to_launch(self) -> Optional[MicroBatch]:
         """Between two decode steps, prompt chunks of up to PREFILL_STEP_SIZE
         tokens in all, so running streams keep flowing while new prompts are
         prefilled; prompts go first come, first served."""
-        self.ready = deque(g for g in self.ready if g in self.batches)  # groups that left
-        ready = [self.batches[g] for g in self.ready]
+        self.ready = deque(g for g in self.ready if g in self.micro_batches)  # those that left
+        ready = [self.micro_batches[g] for g in self.ready]
         decoding = next((b for b in ready if b.decoding), None)
-        prefilling = min((b for b in ready if not b.decoding), key=lambda b: b.group, default=None)
-        batch = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
-        if batch is not None:
-            self.ready.remove(batch.group)
-            if batch is prefilling and self._unstarted(batch):
-                self._gather_prompts(batch)
-        return batch
+        prefilling = min((b for b in ready if not b.decoding), key=lambda b: b.batch, default=None)
+        micro = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
+        if micro is not None:
+            self.ready.remove(micro.batch)
+            if micro is prefilling and self._unstarted(micro):
+                self._gather_prompts(micro)
+        return micro
 
     def _remaining_prompt(self, seq: int) -> int:
         """Prompt tokens still to prefill (the last one goes through the first decode step)."""
         sequence = self.sequences[seq]
         return sequence.prompt_tokens - 1 - sequence.fed
 
-    def _unstarted(self, batch: Batch) -> bool:
+    def _unstarted(self, micro: MicroBatch) -> bool:
         """A lone sequence none of whose prompt has been prefilled yet."""
-        if len(batch.members) != 1 or batch.decoding:
+        if len(micro.members) != 1 or micro.decoding:
             return False
-        sequence = self.sequences[batch.members[0]]
+        sequence = self.sequences[micro.members[0]]
         return sequence.fed == sequence.cached and not sequence.finished
 
-    def _gather_prompts(self, batch: Batch) -> None:
-        """Merge into `batch` the other prompts waiting to start, first come first
+    def _gather_prompts(self, micro: MicroBatch) -> None:
+        """Merge into `micro` the other prompts waiting to start, first come first
         served, while one chunk of them all (padding included) fits in
         PREFILL_STEP_SIZE tokens; then tell every rank how they are padded."""
-        if self.max_groups is None:
+        if self.max_decoding is None:
             return  # no batch caches
-        longest = self._remaining_prompt(batch.members[0])
-        for group in sorted(self.ready):
-            other = self.batches[group]
+        longest = self._remaining_prompt(micro.members[0])
+        for batch in sorted(self.ready):
+            other = self.micro_batches[batch]
             if not self._unstarted(other):
                 continue
             remaining = self._remaining_prompt(other.members[0])
-            if (len(batch.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
+            if (len(micro.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
                 break
             longest = max(longest, remaining)
-            self.ready.remove(group)
-            self._merge(batch, other)
-        if len(batch.members) == 1:
+            self.ready.remove(batch)
+            self._merge(micro, other)
+        if len(micro.members) == 1:
             return
-        lengths = [self._remaining_prompt(s) for s in batch.members]
+        lengths = [self._remaining_prompt(s) for s in micro.members]
         padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
-        payload = json.dumps(padding).encode()
-        self.pipeline.broadcast(Header(OP_PREPARE, batch.group), payload)
-        self.pipeline.prepare(batch.group, padding)
+        self.pipeline.tell(Header(Op.PREPARE, micro.batch), json.dumps(padding).encode())
         log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
 
-    def _launch(self, batch: Batch) -> None:
-        if all(self.sequences[s].finished for s in batch.members):
-            # Nobody wants this step: drop the group (and any step built ahead) unlaunched.
-            for seq in list(batch.members):
-                self._leave(batch, seq)
+    def _launch(self, micro: MicroBatch) -> None:
+        if all(self.sequences[s].finished for s in micro.members):
+            # Nobody wants this step: drop the micro-batch (and any step built ahead) unlaunched.
+            for seq in list(micro.members):
+                self._leave(micro, seq)
             return
-        if batch.decoding:
-            work = batch.work or self._decode_step(batch, self._next_inputs(batch.members))
+        if micro.decoding:
+            work = micro.work or self._decode_step(micro, self._next_inputs(micro.members))
             length, sample = 1, True
-            for seq in batch.members:
+            for seq in micro.members:
                 self.sequences[seq].fed += 1
             self.prefill_budget = self.prefill_step_size
         else:
-            work, length = self._prefill_step(batch)
+            work, length = self._prefill_step(micro)
             sample = False
         ring = self.pipeline.stage.size > 1
         # Exactly one row: its half-head logits are the same bits as the whole
         # head's, which a BLAS may not give for a batch split across ranks. Only
         # where the head's output is the logits (no softcap or scale after it).
-        share = ring and sample and len(batch.members) == 1 and self.pipeline.head is not None
+        share = ring and sample and len(micro.members) == 1 and self.pipeline.head is not None
         flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
-        self.pipeline.broadcast(Header(OP_STEP, batch.group, length=length, flag=flag))
+        self.transport.broadcast(Header(Op.STEP, micro.batch, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
-        self.pipeline.start(work)
+        self.transport.start(work)
         if not ring:
             results = [work.compute[-1]]
         elif sample:
-            results = self.pipeline.receive_tokens(batch.group, share)
+            results = self.pipeline.receive_tokens(micro.batch, share)
         else:
-            results = self.pipeline.receive_ack(len(batch.members))
+            results = self.pipeline.receive_ack(len(micro.members))
         if ring:
-            self.pipeline.expect(results)
+            self.transport.expect(results)
         tokens = results[-1]
-        self.flights.append(Flight(batch.group, list(batch.members), results, sample))
-        batch.work = None
-        if batch.decoding:
-            self._regroup(batch, tokens)
+        self.flights.append(Flight(micro.batch, list(micro.members), results, sample))
+        micro.work = None
+        if micro.decoding:
+            self._build_ahead(micro, tokens)
 
-    def _prefill_step(self, batch: Batch) -> tuple[StepWork, int]:
+    def _prefill_step(self, micro: MicroBatch) -> tuple[StepWork, int]:
         """The next chunk of the prompts but their last tokens, chunked as mlx-lm's
         generate_step does so that outputs match it exactly; shorter prompts of a
-        group are right-padded. The last prompt token goes through the sequence's
+        micro-batch are right-padded. The last prompt token goes through the sequence's
         first decode step, which samples."""
-        sequences = [self.sequences[s] for s in batch.members]
+        sequences = [self.sequences[s] for s in micro.members]
         todo = [s.tokens[s.fed : s.prompt_tokens - 1] for s in sequences]
         count = min(self.prefill_step_size, max(len(t) for t in todo))
         rows = []
@@ -303,90 +299,86 @@ class Scheduler:
             sequence.fed += len(chunk)
             rows.append(chunk + [0] * (count - len(chunk)))
         self.prefill_budget -= count * len(rows)
-        return self.pipeline.run(batch.group, mx.array(rows, dtype=mx.int32), False), count
+        return self.pipeline.run(micro.batch, mx.array(rows, dtype=mx.int32), False), count
 
     def _next_inputs(self, members: list[int]) -> mx.array:
         """Each sequence's next token to feed, one row each."""
         return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in members], dtype=mx.int32)
 
-    def _decode_step(self, batch: Batch, inputs: mx.array) -> StepWork:
-        return self.pipeline.run(batch.group, inputs[:, None], True)
+    def _decode_step(self, micro: MicroBatch, inputs: mx.array) -> StepWork:
+        return self.pipeline.run(micro.batch, inputs[:, None], True)
 
-    def _regroup(self, batch: Batch, pending: mx.array) -> None:
-        """Right after a decode step of `batch` went out: sequences whose last
+    def _build_ahead(self, micro: MicroBatch, pending: mx.array) -> None:
+        """Right after a decode step of `micro` went out: sequences whose last
         token it computes, or that ended, leave; waiting ones join; then the
         next step is built on the pending tokens."""
-        rows = list(batch.members)
-        done = [
-            s for s in rows
-            if self.sequences[s].finished or self.sequences[s].generated + 1 >= self.sequences[s].max_tokens
-        ]
+        rows = list(micro.members)
+        done = [s for s in rows if self.sequences[s].finished or self.sequences[s].reaches_length(ahead=1)]
         for seq in done:
-            self._leave(batch, seq)
-        if not batch.members:
-            return  # waiting groups take its place as decode groups of their own
+            self._leave(micro, seq)
+        if not micro.members:
+            return  # waiting micro-batches take its place as decoding ones of their own
         kept = [i for i, s in enumerate(rows) if s not in done]
-        joining = self._absorb(batch) if self._is_smallest(batch) else []
+        joining = self._absorb(micro) if self._is_smallest(micro) else []
+        if any(self.sequences[s].constraint is not None for s in micro.members):
+            return  # a grammar's mask needs the pending tokens' values: built at launch
         parts = []
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])
         if joining:
             parts.append(self._next_inputs(joining))
-        batch.work = self._decode_step(batch, mx.concatenate(parts) if len(parts) > 1 else parts[0])
+        micro.work = self._decode_step(micro, mx.concatenate(parts) if len(parts) > 1 else parts[0])
 
-    # Group membership.
+    # Micro-batch membership.
 
-    def _decode_groups(self) -> list[Batch]:
-        return [b for b in self.batches.values() if b.decoding and b.group not in self.waiting]
+    def _decoding(self) -> list[MicroBatch]:
+        return [b for b in self.micro_batches.values() if b.decoding and b.batch not in self.waiting]
 
-    def _is_smallest(self, batch: Batch) -> bool:
-        return bool(self.waiting) and len(batch.members) <= min(len(b.members) for b in self._decode_groups())
+    def _is_smallest(self, micro: MicroBatch) -> bool:
+        return bool(self.waiting) and len(micro.members) <= min(len(b.members) for b in self._decoding())
 
-    def _absorb(self, batch: Batch) -> list[int]:
-        """Merge every waiting group into `batch`; returns the sequences that joined."""
+    def _absorb(self, micro: MicroBatch) -> list[int]:
+        """Merge every waiting micro-batch into `micro`; returns the sequences that joined."""
         joined = []
-        for group in self.waiting:
-            waiting = self.batches[group]
+        for batch in self.waiting:
+            waiting = self.micro_batches[batch]
             for seq in [s for s in waiting.members if self.sequences[s].finished]:
                 self._leave(waiting, seq)
             if waiting.members:
                 joined += waiting.members
-                self._merge(batch, waiting)
+                self._merge(micro, waiting)
         self.waiting.clear()
         return joined
 
-    def _merge(self, batch: Batch, other: Batch) -> None:
-        """The sequences of `other` join `batch` as new rows, on every rank."""
-        self.pipeline.broadcast(Header(OP_MERGE, batch.group, other.group))
-        self.pipeline.merge(batch.group, other.group)
+    def _merge(self, micro: MicroBatch, other: MicroBatch) -> None:
+        """The sequences of `other` join `micro` as new rows, on every rank."""
+        self.pipeline.tell(Header(Op.MERGE, micro.batch, other.batch))
         for seq in other.members:
-            self.sequences[seq].group = batch.group
-        batch.members += other.members
-        del self.batches[other.group]
+            self.sequences[seq].batch = micro.batch
+        micro.members += other.members
+        del self.micro_batches[other.batch]
 
     def _promote_waiting(self) -> None:
-        """Waiting groups become decode groups of their own while there is room."""
-        while self.waiting and (self.max_groups is None or len(self._decode_groups()) < self.max_groups):
+        """Waiting micro-batches start decoding on their own while there is room."""
+        while self.waiting and (self.max_decoding is None or len(self._decoding()) < self.max_decoding):
             self.ready.append(self.waiting.pop(0))
 
-    def _leave(self, batch: Batch, seq: int) -> None:
-        """`seq` leaves its group on every rank; what it computed is kept in
+    def _leave(self, micro: MicroBatch, seq: int) -> None:
+        """`seq` leaves its batch on every rank; what it computed is kept in
         the prompt cache when that is on."""
         sequence = self.sequences[seq]
         entry, evicted = None, []
         # A row of a padded prefill still under way holds padding, not just its tokens.
-        padded = not batch.decoding and len(batch.members) > 1
+        padded = not micro.decoding and len(micro.members) > 1
         if self.prompt_cache is not None and sequence.fed > 0 and not padded:
             entry, evicted = self.prompt_cache.insert(sequence.tokens[: sequence.fed])
         flag = int(entry is not None)
-        self.pipeline.broadcast(Header(OP_LEAVE, batch.group, seq, entry or 0, flag))
-        self.pipeline.leave(batch.group, seq, entry)
+        self.pipeline.tell(Header(Op.LEAVE, micro.batch, seq, entry or 0, flag))
         for old in evicted:
-            self.pipeline.broadcast(Header(OP_EVICT, seq=old))
-            self.pipeline.evict(old)
-        batch.members.remove(seq)
-        if not batch.members:
-            del self.batches[batch.group]
+            self.pipeline.tell(Header(Op.EVICT, seq=old))
+        micro.members.remove(seq)
+        if not micro.members:
+            del self.micro_batches[micro.batch]
         self.reserved -= sequence.reserved
         sequence.left = True
         if sequence.finished:
@@ -394,35 +386,34 @@ class Scheduler:
 
     # Collecting results.
 
-    def _collect(self) -> list[tuple[int, int]]:
+    def _collect(self) -> list[TokenResult]:
         flight = self.flights.popleft()
         if self.pipeline.stage.size > 1:
-            self.pipeline.receive(flight.results)
-            self.pipeline.flush()  # the next rank may be waiting for a step started since
+            self.transport.receive(flight.results)
+            self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()
-        events = []
+        results = []
         if flight.sample:
             for seq, token in zip(flight.members, values):
                 sequence = self.sequences.get(seq)
                 if sequence is None or sequence.finished:
                     continue  # a row that rode along after its sequence ended
-                sequence.tokens.append(token)
-                events.append((seq, token))
-                if sequence.generated >= sequence.max_tokens or token in self.eos_token_ids:
+                results.append(sequence.draw(token, self.eos_token_ids))
+                if results[-1].finish_reason is not None:
                     self.finish(seq)
-        batch = self.batches.get(flight.group)
-        if batch is not None:
-            self._requeue(batch)
-        return events
+        micro = self.micro_batches.get(flight.batch)
+        if micro is not None:
+            self._requeue(micro)
+        return results
 
-    def _prefilled(self, batch: Batch) -> bool:
-        return all(self._remaining_prompt(s) <= 0 for s in batch.members)
+    def _prefilled(self, micro: MicroBatch) -> bool:
+        return all(self._remaining_prompt(s) <= 0 for s in micro.members)
 
-    def _requeue(self, batch: Batch) -> None:
-        if not batch.decoding and self._prefilled(batch):
-            batch.decoding = True
-            others = len(self._decode_groups()) - 1
-            if self.max_groups is not None and others >= self.max_groups:
-                self.waiting.append(batch.group)
+    def _requeue(self, micro: MicroBatch) -> None:
+        if not micro.decoding and self._prefilled(micro):
+            micro.decoding = True
+            others = len(self._decoding()) - 1
+            if self.max_decoding is not None and others >= self.max_decoding:
+                self.waiting.append(micro.batch)
                 return
-        self.ready.append(batch.group)
+        self.ready.append(micro.batch)

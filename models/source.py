@@ -96,3 +96,8 @@ def _publish(work: Path, target: Path) -> None:
         if not target.is_dir():
             raise
         log.info("another process converted %s first; using its copy", target.name)
+
+
+def vocab_size(config: dict) -> int | None:
+    """The width of the model's logits, from its config.json (text models nest it)."""
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")

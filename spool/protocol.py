@@ -24,13 +24,18 @@ class SamplingParams(BaseModel):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[int, float]] = None
     seed: Optional[int] = None
 
     @classmethod
-    def pick(cls, values: dict) -> "SamplingParams":
-        """The sampling fields of `values` (a request body, parsed arguments); missing
-        or None keep the default."""
-        return cls(**{name: values[name] for name in cls.model_fields if values.get(name) is not None})
+    def pick(cls, *sources: dict) -> "SamplingParams":
+        """The sampling fields of `sources` (a model's generation_config.json, settings,
+        parsed arguments), later ones over earlier ones; missing or None keep the default."""
+        given = {name: source[name] for source in sources for name in cls.model_fields
+                 if source.get(name) is not None}
+        return cls(**given)
 
 
 class SpoolRequest(BaseModel):
@@ -42,6 +47,8 @@ class SpoolRequest(BaseModel):
     max_tokens: int = Field(ge=1)
     sampling: SamplingParams = SamplingParams()
     stop: list[str] = []  # matched on the text, never emitted
+    grammar: Optional[str] = None  # llguidance grammar the output must follow (a JSON schema's)
+    logprobs: Optional[int] = None  # log-probabilities wanted, with this many top alternatives
     created: int  # Unix time the API accepted it (the response's `created`)
 
 
@@ -76,16 +83,28 @@ class Started(BaseModel):
     type: Literal["started"] = "started"
 
 
+class TokenLogprob(BaseModel):
+    """A drawn token's log-probability, and the most likely tokens' (id, log-probability)
+    at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
 class Delta(BaseModel):
-    """New text, and the token ids it came from (none for held-back text let go at the end)."""
+    """New text, and the token ids it came from (none for held-back text let go at the end),
+    with their log-probabilities when the request asked for them."""
 
     type: Literal["delta"] = "delta"
     text: str
     token_ids: list[int] = []
+    logprobs: Optional[list[TokenLogprob]] = None
 
 
 class Requeued(BaseModel):
-    """The ring restarted while the request ran; its output starts over."""
+    """The ring restarted while the request ran: rank 0 resumes it after the tokens its
+    deltas hold, so its output goes on where it stopped."""
 
     type: Literal["requeued"] = "requeued"
 
@@ -96,6 +115,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class Final(BaseModel):
     type: Literal["final"] = "final"
     finish_reason: FinishReason
+    stop_sequence: Optional[str] = None  # the request's stop string that ended it, if one did
     usage: Usage
     timings: Timings = Timings()
 

@@ -8,6 +8,8 @@ Layout under the root (directories 0700, files 0600):
     streams/<id>.jsonl   the request's events, one JSON object a line: started (rank 0
                          admitted it), delta, requeued, then final or error
     cancel/<id>          cancel marker
+    quarantine/<id>.json in flight during two ring failures in a row: ended with an error,
+                         kept (never purged) for a person to look at
     tmp/                 files being written, renamed into place when complete
     heartbeat.json       rank 0's latest status
 
@@ -36,7 +38,7 @@ _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _FALLBACK_POLL = 0.005  # seconds between looks at incoming/ without inotify
-_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp")
+_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine")
 
 
 def check_id(request_id: str) -> str:
@@ -72,6 +74,7 @@ class Spool:
         self._streams = self.root / "streams"
         self._cancel = self.root / "cancel"
         self._tmp = self.root / "tmp"
+        self._quarantine = self.root / "quarantine"
         self._heartbeat = self.root / "heartbeat.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
 
@@ -101,10 +104,6 @@ class Spool:
         ids = [n[:-5] for n in os.listdir(directory) if n.endswith(".json")]
         return sorted(i for i in ids if _ID_RE.fullmatch(i))
 
-    def _last_event(self, request_id: str) -> Event | None:
-        events, _ = self.read_events(request_id)
-        return events[-1] if events else None
-
     # -- front side ------------------------------------------------------------
 
     def submit(self, request: SpoolRequest) -> str:
@@ -126,10 +125,7 @@ class Spool:
             prompt = len(SpoolRequest.model_validate_json(done.read_bytes()).prompt_tokens)
         except ValidationError:
             prompt = 0  # unreadable: cancelled all the same
-        events, _ = self.read_events(request_id)
-        starts = [i for i, e in enumerate(events) if isinstance(e, Requeued)]
-        output = events[starts[-1] + 1 if starts else 0:]
-        completion = sum(len(e.token_ids) for e in output if isinstance(e, Delta))
+        completion = len(self.streamed_tokens(request_id))
         self.append(request_id, Final(finish_reason="cancelled", usage=Usage.of(prompt, completion)))
         os.utime(done)
 
@@ -151,6 +147,12 @@ class Spool:
         end = data.rfind(b"\n") + 1
         events = [decode_event(line) for line in data[:end].splitlines() if line]
         return events, offset + end
+
+    def streamed_tokens(self, request_id: str) -> list[int]:
+        """The completion's token ids written so far, across ring restarts (a resumed
+        request goes on after them)."""
+        events, _ = self.read_events(request_id)
+        return [token for e in events if isinstance(e, Delta) for token in e.token_ids]
 
     def watch_streams(self) -> DirWatch | None:
         """A watch whose changed() names the requests with new events (None without inotify)."""
@@ -184,26 +186,35 @@ class Spool:
                 self.finish(request_id, Failed(message=f"unreadable request: {err}", code="bad_request_file"))
         return None
 
-    def requeue_claimed(self) -> list[str]:
-        """Put requests left in claimed/ by a dead rank 0 back in incoming/; return their ids.
+    def requeue_claimed(self) -> tuple[list[str], list[str]]:
+        """Put requests left in claimed/ by a dead rank 0 back in incoming/, to resume
+        after the tokens they streamed; return the ids requeued and those quarantined.
 
         One whose final event was written already only missed its move to done/; one
-        cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled.
+        cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled;
+        one requeued before (in flight during the last failure too, so perhaps its cause)
+        is ended with an error and quarantined rather than retried forever.
         """
-        requeued = []
+        requeued, quarantined = [], []
         for request_id in self._ids(self._claimed):
-            last = self._last_event(request_id)
-            if isinstance(last, TERMINAL):
+            events, _ = self.read_events(request_id)
+            if events and isinstance(events[-1], TERMINAL):
                 os.rename(self._claimed / f"{request_id}.json", self._done / f"{request_id}.json")
                 continue
             if self.is_cancelled(request_id):
                 self._withdraw(request_id, self._claimed)
                 continue
+            if any(isinstance(e, Requeued) for e in events):
+                self.append(request_id, Failed(message="quarantined: this request was in flight during two ring "
+                                               "failures in a row", code="quarantined"))
+                os.rename(self._claimed / f"{request_id}.json", self._quarantine / f"{request_id}.json")
+                quarantined.append(request_id)
+                continue
             # The marker precedes the rename so readers see it before any new output.
             self.append(request_id, Requeued())
             os.rename(self._claimed / f"{request_id}.json", self._incoming / f"{request_id}.json")
             requeued.append(request_id)
-        return requeued
+        return requeued, quarantined
 
     def append(self, request_id: str, event: Event) -> None:
         """Append one event line; a single O_APPEND write, visible to readers at once."""

@@ -3,7 +3,7 @@
 The first tests need no generation and run with no rank at all (or, for the 504 and the
 queued-disconnect cases, with a heartbeat the test writes itself: a ring that looks up but
 never claims). Everything that generates runs against the real rank 0 (`python server.py`
-in serve mode, a group of one) on a tiny model, and compares what it gets with
+in serve mode, a world of one) on a tiny model, and compares what it gets with
 single-process mlx-lm.
 """
 
@@ -33,8 +33,8 @@ from conftest import launch_command, rank_env
 from mlx_lm.sample_utils import make_sampler
 
 from api import SHUTDOWN_GRACE
-from openai_api import create_app
-from openai_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
+from http_api import create_app
+from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
@@ -336,11 +336,12 @@ def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
 
 
 @contextmanager
-def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1,
+def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1, api_settings: dict | None = None,
                  **settings: str) -> Iterator[tuple[ApiServer, RankProcess]]:
-    """Serving ranks (`settings` are theirs) and the API on one spool, both on `model`."""
+    """Serving ranks (`settings` are theirs) and the API (with `api_settings`) on one
+    spool, both on `model`."""
     rank = RankProcess(model, spool_dir, ranks=ranks, **settings)
-    with ApiServer(_ring_settings(model, spool_dir)) as api:
+    with ApiServer(_ring_settings(model, spool_dir, **(api_settings or {}))) as api:
         rank.start()
         try:
             yield api, rank
@@ -751,8 +752,8 @@ def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None
 
 def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, RankProcess],
                                                      tiny_model: Path) -> None:
-    """Rank 0 killed after the first tokens: the restarted one requeues and regenerates the
-    request, and the client's stream goes on without repeating anything."""
+    """Rank 0 killed after the first tokens: the restarted one resumes the request after the
+    tokens already streamed, and the client's stream goes on without repeating anything."""
     api, rank = real_ring
     messages = [{"role": "user", "content": "Write a long story about the harbour."}]
     max_tokens = MAX_SEQ - 40
@@ -776,8 +777,8 @@ def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, 
 
 def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServer, RankProcess],
                                                         tiny_model: Path) -> None:
-    """Rank 0 killed with part of a non-streaming reply generated: the reply holds only the
-    restarted generation's text."""
+    """Rank 0 killed with part of a non-streaming reply generated: the reply holds the text
+    before the kill and the resumed generation's, each once."""
     api, rank = real_ring
     messages = [{"role": "user", "content": "Write a long story about the harbour."}]
     max_tokens = MAX_SEQ - 40
@@ -805,3 +806,53 @@ def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServ
     kinds = [e.type for e in _events(api, reply.id.removeprefix("chatcmpl-"))]
     if "requeued" not in kinds:
         pytest.skip("generation finished before the kill; the restart path did not run")
+
+
+def test_a_seeded_stream_resumed_after_a_kill_is_the_uninterrupted_text(real_ring: tuple[ApiServer, RankProcess],
+                                                                        tiny_model: Path) -> None:
+    """Sampling draws are fixed by (seed, position), and a resumed request prefills what it
+    streamed: killing rank 0 mid-stream changes nothing in the text a seeded request gets."""
+    api, rank = real_ring
+    body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": 120, "temperature": 0.9,
+            "seed": 1234, "stream": True}
+
+    def streamed(kill_after: int | None) -> tuple[str, str]:
+        texts: list[str] = []
+        with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers=AUTH,
+                          timeout=120) as response:
+            for event in (json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")):
+                texts.append(event["choices"][0]["delta"].get("content") or "")
+                if len(texts) == kill_after:
+                    rank.stop(kill=True)
+                    rank.start()
+        return "".join(texts), event["id"].removeprefix("chatcmpl-")
+
+    uninterrupted, _ = streamed(None)
+    resumed, request_id = streamed(kill_after=8)
+    if "requeued" not in [e.type for e in _events(api, request_id)]:
+        pytest.skip("generation finished before the kill; the restart path did not run")
+    assert resumed == uninterrupted
+
+
+def test_a_request_that_fails_on_rank_0_fails_alone(real_ring: tuple[ApiServer, RankProcess],
+                                                     tiny_model: Path) -> None:
+    """A request queued past the API's checks (here a top_k mlx-lm's sampler raises on,
+    written straight into the spool) is refused by rank 0 before it reaches the ring,
+    while a stream under way completes and the ring stays healthy."""
+    api, _ = real_ring
+    expected = _mlx_lm_greedy(tiny_model, LONG_MESSAGES, 60).text
+    body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": 60, "temperature": 0, "stream": True}
+    texts = []
+    with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                texts.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+                if len(texts) == 3:
+                    poison = api.spool.submit(SpoolRequest(
+                        kind="completion", model=str(tiny_model), prompt_tokens=[5, 6], max_tokens=4,
+                        sampling=SamplingParams(top_k=VOCAB_SIZE), created=0))
+    assert "".join(texts) == expected
+    assert _wait_for(lambda: (api.settings.spool_dir / "done" / f"{poison}.json").exists(), timeout=30)
+    failed = _events(api, poison)[-1]
+    assert failed.type == "error" and failed.code == "invalid_sampling" and failed.status == 400, failed
+    assert httpx.get(f"{api.url}/health").status_code == 200

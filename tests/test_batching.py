@@ -128,7 +128,7 @@ def test_sliding_window_sequences_joining_match_alone(tmp_path: Path) -> None:
 
 
 def test_ranks_sharing_a_machine_take_turns_by_default(tmp_path: Path, model: Path) -> None:
-    """Without MICRO_BATCHES, 2 ranks on this one machine step one group at a time,
+    """Without MICRO_BATCHES, 2 ranks on this one machine step one micro-batch at a time,
     each computing on all cores in turn; the replies stay those of mlx-lm alone."""
     with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(PREFILL_STEP)) as (api, _):
         assert _heartbeat(api)["micro_batches"] == 1
@@ -141,7 +141,7 @@ TOGETHER = ["Hi", "Name a colour.", "What is the capital of France, and why?", "
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: str) -> None:
-    """Prompts already waiting when the ring starts are prefilled as one group, right-padded
+    """Prompts already waiting when the ring starts are prefilled as one micro-batch, right-padded
     to one length (PREPARE around 2 ranks); every reply still equals mlx-lm alone. gemma3's
     16-token sliding window is shorter than most of the prompts."""
     model = make_tiny_model(arch, tmp_path / arch)

@@ -69,7 +69,7 @@ def test_layout_and_permissions(tmp_path: Path) -> None:
     sp.append(request_id, Delta(text="hi", token_ids=[1]))
     sp.cancel(request_id)
     sp.write_heartbeat({"state": "ready"})
-    for d in (root, *(root / n for n in ("incoming", "claimed", "done", "streams", "cancel", "tmp"))):
+    for d in (root, *(root / n for n in ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine"))):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     files = [p for p in root.rglob("*") if p.is_file()]
     assert len(files) == 4  # done request, stream, cancel marker, heartbeat
@@ -172,7 +172,8 @@ def test_crash_between_claim_and_finish_requeues(tmp_path: Path) -> None:
     # A request whose final event was written but not yet moved is finished, not rerun.
     sp.claim()
     sp.append(ids[3], FINAL)
-    assert sorted(sp.requeue_claimed()) == ids[:3]
+    requeued, quarantined = sp.requeue_claimed()
+    assert sorted(requeued) == ids[:3] and quarantined == []
     assert _names(tmp_path / "done") == {ids[3]}
     assert _names(tmp_path / "incoming") == set(ids[:3]) | {ids[4]}
     assert not _names(tmp_path / "claimed")
@@ -204,6 +205,25 @@ def test_cancel_of_a_claimed_request_leaves_it_to_rank0(tmp_path: Path) -> None:
     assert sp.read_events(request_id) == ([], 0)
 
 
+def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_the_second_time(tmp_path: Path) -> None:
+    sp = Spool(tmp_path)
+    request_id = sp.submit(request([1, 2]))
+    sp.claim()
+    sp.append(request_id, Delta(text="ab", token_ids=[7, 8]))
+    sp.append(request_id, Delta(text="", token_ids=[]))
+    assert sp.requeue_claimed() == ([request_id], [])
+    assert sp.streamed_tokens(request_id) == [7, 8]
+    sp.claim()
+    sp.append(request_id, Delta(text="c", token_ids=[9]))
+    assert sp.streamed_tokens(request_id) == [7, 8, 9]
+    # In flight during a second ring failure: ended, and kept where purge never looks.
+    assert sp.requeue_claimed() == ([], [request_id])
+    events, _ = sp.read_events(request_id)
+    assert isinstance(events[-1], Failed) and events[-1].code == "quarantined"
+    assert _names(tmp_path / "quarantine") == {request_id} and sp.queue_depth() == 0
+    assert sp.purge(0) == 0 and _names(tmp_path / "quarantine") == {request_id}
+
+
 def test_cancelled_claimed_requests_are_finished_not_requeued(tmp_path: Path) -> None:
     """A rank 0 stopped mid-generation, then the client went away (or the API stopped):
     the next rank 0 must not run the request again for nobody."""
@@ -213,7 +233,7 @@ def test_cancelled_claimed_requests_are_finished_not_requeued(tmp_path: Path) ->
         sp.claim()
     sp.append(gone, Delta(text="ab", token_ids=[7, 8]))
     sp.cancel(gone)
-    assert sp.requeue_claimed() == [kept]
+    assert sp.requeue_claimed() == ([kept], [])
     assert _names(tmp_path / "done") == {gone} and _names(tmp_path / "incoming") == {kept}
     # The same usage shape as any other final, cached tokens included.
     assert sp.read_events(gone)[0][-1] == Final(finish_reason="cancelled", usage=Usage.of(3, 2))

@@ -1,6 +1,6 @@
 """Stop strings are matched on text across token boundaries and never emitted."""
 
-from text_stream import StopText, TextStream
+from distributed.text_stream import StopText, TextStream
 
 
 def feed_all(stop: StopText, pieces: list[str]) -> tuple[str, bool]:
@@ -22,7 +22,9 @@ def test_partial_match_that_does_not_complete_is_released():
 
 
 def test_earliest_of_several_stops_wins():
-    assert feed_all(StopText(["\n\n", "stop"]), ["a stop\n\nb"]) == ("a ", True)
+    stop = StopText(["\n\n", "stop", "st"])
+    assert feed_all(stop, ["a stop\n\nb"]) == ("a ", True)
+    assert stop.reached == "stop"
 
 
 def test_text_stream_with_real_tokenizer(tiny_models):
@@ -30,7 +32,8 @@ def test_text_stream_with_real_tokenizer(tiny_models):
 
     tokenizer = load_tokenizer(tiny_models["llama"])
     ids = tokenizer.encode("Rain fell on 12 roofs. Then the sun came out.")
-    stream = TextStream(tokenizer, ["sun"])
+    ended_at = []  # the tokens at which the stream finished the sequence
+    stream = TextStream(tokenizer, ["sun"], lambda: ended_at.append(token))
     out = ""
     for token in ids:
         text, hit = stream.add(token)
@@ -38,3 +41,4 @@ def test_text_stream_with_real_tokenizer(tiny_models):
         if hit:
             break
     assert out == "Rain fell on 12 roofs. Then the "
+    assert hit and ended_at == [token]

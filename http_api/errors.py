@@ -1,10 +1,14 @@
-"""Errors, always in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in the envelope of the API a path belongs to: OpenAI's
+{"error": {"message", "type", "param", "code"}}, or under /v1/messages Anthropic's
+{"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from typing import Literal
+
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,6 +30,23 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+# Anthropic's error types by status; any other status is an `api_error`.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
 class APIError(HTTPException):
     """An error answered in OpenAI's envelope. FastAPI's HTTPException so that raising it
     while the body is read (the size limit) is not turned into a generic 400."""
@@ -44,16 +65,20 @@ class APIError(HTTPException):
     def envelope(self) -> ErrorResponse:
         return ErrorResponse(error=self.detail_model)
 
+    def anthropic_envelope(self) -> AnthropicErrorResponse:
+        kind = _ANTHROPIC_TYPES.get(self.status_code, "api_error")
+        return AnthropicErrorResponse(error=AnthropicErrorDetail(type=kind, message=self.detail_model.message))
 
-def error_json(status: int, detail: ErrorDetail) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
+
+def error_json(path: str, err: APIError) -> JSONResponse:
+    body = err.anthropic_envelope() if path.startswith(ANTHROPIC_PREFIX) else err.envelope()
+    return JSONResponse(body.model_dump(), status_code=err.status_code)
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if isinstance(exc, APIError):
-        return error_json(exc.status_code, exc.detail_model)
-    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    return error_json(exc.status_code, ErrorDetail(message=str(exc.detail), type=kind))
+    if not isinstance(exc, APIError):
+        exc = APIError(exc.status_code, str(exc.detail))
+    return error_json(request.url.path, exc)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -67,13 +92,12 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     message = f"{param}: {first['msg']}" if param else first["msg"]
     if first.get("type") == "json_invalid":
         message = "the request body is not valid JSON"
-    return error_json(400, ErrorDetail(message=message, type="invalid_request_error", param=param,
-                                       code="invalid_value"))
+    return error_json(request.url.path, APIError(400, message, param=param, code="invalid_value"))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette re-raises it afterwards, so uvicorn logs the traceback.
-    return error_json(500, ErrorDetail(message="internal server error", type="server_error"))
+    return error_json(request.url.path, APIError(500, "internal server error"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,10 +6,11 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from openai_api.errors import APIError, error_json
-from openai_api.metrics import Metrics
+from http_api.errors import APIError, error_json
+from http_api.metrics import Metrics
 
-_KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+                "/v1/models", "/health", "/metrics"}
 
 
 class FrontDoor:
@@ -31,21 +32,25 @@ class FrontDoor:
 
         refusal = self._refusal(scope)
         if refusal is not None:
-            return await error_json(refusal.status_code, refusal.detail_model)(scope, receive, counting_send)
+            return await error_json(scope["path"], refusal)(scope, receive, counting_send)
         await self.app(scope, self._limited(receive), counting_send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), self.api_key.encode()):
-                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                code="invalid_api_key")
+        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            return APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key')",
+                            code="invalid_api_key")
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_bytes:
             return _too_large(self.max_bytes)
         return None
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """OpenAI's clients send a bearer token, Anthropic's an x-api-key header."""
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            token = headers.get(b"x-api-key", b"").decode("latin-1")
+        return secrets.compare_digest(token.encode(), self.api_key.encode())
 
     def _limited(self, receive: Receive) -> Receive:
         """`receive` that fails once a body without Content-Length grows too large."""

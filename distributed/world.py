@@ -1,4 +1,5 @@
-"""The MLX distributed group and facts each rank shares with the others at start."""
+"""Joining the world (MLX's communication group of every rank), and facts each rank
+shares with the others at start."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import platform
 import socket
 
 import mlx.core as mx
+import psutil
 
-from config.blas import use_blas
+from config.blas import blas_in_use
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def point_mlx_at_mpi() -> None:
 
 
 def finalize_lone_mpi() -> None:
-    """Finalize MPI if MLX initialized it and left it so. MLX does that for a group of
+    """Finalize MPI if MLX initialized it and left it so. MLX does that for a world of
     one (`mpirun -np 1`), and mpirun then calls the rank's exit abnormal and fails."""
     name = os.environ.get("MLX_MPI_LIBNAME") or ctypes.util.find_library("mpi")
     try:
@@ -47,15 +49,15 @@ def finalize_lone_mpi() -> None:
         mpi.MPI_Finalize()
 
 
-def init_group(backend: str) -> mx.distributed.Group:
-    """Join the group for `backend` ('any', 'ring', 'mpi', 'jaccl'); alone, a group of one."""
+def join_world(backend: str) -> mx.distributed.Group:
+    """Join the world for `backend` ('any', 'ring', 'mpi', 'jaccl'); alone, a world of one."""
     if backend in ("any", "mpi"):
         point_mlx_at_mpi()
-    group = mx.distributed.init(strict=False, backend=backend)
-    if group.size() == 1 and backend in ("any", "mpi"):
+    world = mx.distributed.init(strict=False, backend=backend)
+    if world.size() == 1 and backend in ("any", "mpi"):
         atexit.register(finalize_lone_mpi)
-    log.info("joined group: rank %d of %d (backend %s)", group.rank(), group.size(), backend)
-    return group
+    log.info("joined world: rank %d of %d (backend %s)", world.rank(), world.size(), backend)
+    return world
 
 
 def available_memory() -> int:
@@ -71,15 +73,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def all_gather_json(group: mx.distributed.Group, record: dict) -> list[dict]:
+def all_gather_json(world: mx.distributed.Group, record: dict) -> list[dict]:
     """Every rank's `record`, in rank order (a collective: all ranks must call it)."""
     data = json.dumps(record).encode()
     if len(data) > RECORD_BYTES:
         raise ValueError(f"record of {len(data)} bytes exceeds {RECORD_BYTES}")
     buf = mx.array(list(data.ljust(RECORD_BYTES, b" ")), dtype=mx.uint8)
-    if group.size() > 1:
-        buf = mx.distributed.all_gather(buf[None], group=group)
-    rows = buf.reshape(group.size(), RECORD_BYTES).tolist()
+    if world.size() > 1:
+        buf = mx.distributed.all_gather(buf[None], group=world)
+    rows = buf.reshape(world.size(), RECORD_BYTES).tolist()
     return [json.loads(bytes(row).decode()) for row in rows]
 
 
@@ -89,6 +91,9 @@ def rank_record(rank: int) -> dict:
         "rank": rank,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        # With the pid, tells this process from a later one given the same pid: the
+        # launcher signals a rank only when both match.
+        "created": psutil.Process().create_time(),
         "memory": available_memory(),
-        "blas": use_blas(),  # chosen when the package was imported: this returns that choice
+        "blas": blas_in_use(),
     }

@@ -10,8 +10,8 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from openai_api.errors import APIError
-from openai_api.metrics import Metrics
+from http_api.errors import APIError
+from http_api.metrics import Metrics
 from spool import Spool
 from spool.protocol import TERMINAL, Delta, Event, Failed, Requeued
 
@@ -153,7 +153,7 @@ class EventFeed:
                 self.metrics.itl.observe(now - self._last_text)
             self._last_text = now
         elif isinstance(event, Requeued):
-            log.info("request %s requeued: the ring restarted, output starts over", self.request_id)
+            log.info("request %s requeued: the ring restarted; it resumes where it was", self.request_id)
         elif isinstance(event, Failed):
             log.warning("request %s failed: %s", self.request_id, event.message)
         if isinstance(event, TERMINAL):

@@ -5,24 +5,24 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from mlx_lm.utils import load_config, load_tokenizer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings, load_settings
-from models import resolve_model, served_name
-from openai_api.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from openai_api.events import StreamWaker, heartbeat_problem
-from openai_api.metrics import Metrics
-from openai_api.middleware import FrontDoor
-from openai_api.schemas import (
+from http_api.anthropic import routes as anthropic_routes
+from http_api.errors import ERROR_RESPONSES, install_error_handlers
+from http_api.events import StreamWaker, heartbeat_problem
+from http_api.metrics import Metrics
+from http_api.middleware import FrontDoor
+from http_api.served_model import load_served_model
+from http_api.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard, ModelList,
 )
-from openai_api.submit import chat_tokens, generate
+from http_api.submit import chat, complete
 from spool import Spool
 
 log = logging.getLogger(__name__)
@@ -33,33 +33,17 @@ INOTIFY_RECHECK = 1.0
 _STREAMED = {200: {"content": {"text/event-stream": {}}}}
 
 
-def _vocab_size(model_path: Path, tokenizer: Any) -> int:
-    """The width of the model's logits, which sampling fields are checked against."""
-    config = load_config(model_path)
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer.vocab)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the tokenizer and open the spool."""
+    """Load what the API knows of the model, and open the spool."""
     settings: Settings = app.state.settings
-    model_path = resolve_model(settings.model_repo, settings.model_cache_dir)
-    app.state.tokenizer = load_tokenizer(Path(model_path))
-    app.state.vocab_size = _vocab_size(Path(model_path), app.state.tokenizer)
-    app.state.model_id = served_name(settings.model_repo)
+    app.state.model = load_served_model(settings)
     app.state.spool = Spool(settings.spool_dir)
     app.state.waker = StreamWaker(app.state.spool, recheck=INOTIFY_RECHECK)
     app.state.started = int(time.time())
-    log.info("serving model %s (tokenizer from %s), spool %s", app.state.model_id, model_path, settings.spool_dir)
+    log.info("spool %s", settings.spool_dir)
     yield
     app.state.waker.close()
-
-
-def _check_model(request: Request, model: str) -> None:
-    served = request.app.state.model_id
-    if model != served:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'",
-                       param="model", code="model_not_found")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,21 +55,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(FrontDoor, api_key=settings.api_key, max_bytes=settings.max_request_bytes,
                        metrics=metrics)
+    if origins := Settings.split_list(settings.cors_origins):
+        # Added last, so outermost: a preflight is answered before the API key is asked for.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
     install_error_handlers(app)
+    app.include_router(anthropic_routes.router)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        _check_model(request, body.model)
-        return await generate(request, body, chat_tokens(request.app.state.tokenizer, body))
+        request.app.state.model.check_name(body.model)
+        return await chat(request, body)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        _check_model(request, body.model)
-        return await generate(request, body, request.app.state.tokenizer.encode(body.prompt))
+        request.app.state.model.check_name(body.model)
+        return await complete(request, body)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:
-        return ModelList(data=[ModelCard(id=request.app.state.model_id, created=request.app.state.started)])
+        created = request.app.state.started
+        return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.model.names])
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health(request: Request) -> Any:
