@@ -16,7 +16,7 @@ from distributed.anatomy import Anatomy
 from distributed.kv_cache import (
     KVFootprint, KVSettings, batching_refusal, prefix_refusal, refuse_batching, tokens_capacity,
 )
-from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_anatomy
+from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_model
 from distributed.limits import Limits
 from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
@@ -79,9 +79,9 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     rank, size = world.rank(), world.size()
     model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
     path = local_model_path(model_ref)
-    plan = plan_anatomy(path)
+    plan, layer_bytes = plan_model(path)
     records = all_gather_json(world, rank_record(rank))
-    bounds = plan_split(settings.layer_split, plan.count, [r["memory"] for r in records])
+    bounds = plan_split(settings.layer_split, layer_bytes, [r["memory"] for r in records])
     stage = Stage(rank, size, *bounds[rank])
     log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
     record = rank_record(rank) | {"layers": [stage.start, stage.end]}

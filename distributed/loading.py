@@ -58,10 +58,18 @@ def anatomy_of(model: nn.Module, config: dict) -> Anatomy:
         raise Unsupported(f"model type {config.get('model_type')!r} cannot be split into stages: {err}") from None
 
 
-def plan_anatomy(path: Path) -> Anatomy:
-    """The anatomy of the model at `path`, from a skeleton built from its config alone."""
+def plan_model(path: Path) -> tuple[Anatomy, list[int]]:
+    """The anatomy of the model at `path` and the bytes of each layer, from a skeleton
+    built lazily from its config and whatever weight files are there (never evaluated;
+    without the files, in the config's layer shapes unquantized, which weigh layers
+    against each other alike)."""
     model, config = load_model(path, lazy=True, strict=False)
-    return anatomy_of(model, config)
+    anatomy = anatomy_of(model, config)
+    return anatomy, [parameter_bytes(layer) for layer in layer_list(model, anatomy)]
+
+
+def plan_anatomy(path: Path) -> Anatomy:
+    return plan_model(path)[0]
 
 
 def _part_of(name: str, parts: dict) -> Optional[str]:

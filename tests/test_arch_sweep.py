@@ -23,7 +23,7 @@ from distributed.anatomy import Unsupported, discover
 from distributed.kv_cache import KVSettings, StageCache
 from distributed.stage_checks import check_batching, measure_footprint
 from distributed.shard import NO_HOPS, Hops, Stage, attach_hops, prune_to_stage, shared_head
-from distributed.split import even_split
+from distributed.split import balanced_split
 from models.tiny import shared_config
 
 PROMPT = [5, 17, 42, 9, 100, 3, 77]  # longer than the tiny configs' 4-token windows
@@ -66,7 +66,7 @@ class _Wire:
 
 def _stages(model, anatomy):
     bounds, start = [], 0
-    for count in even_split(anatomy.count, RANKS):
+    for count in balanced_split([1] * anatomy.count, [1.0] * RANKS):
         bounds.append(Stage(len(bounds), RANKS, start, start + count))
         start += count
     wire, stages, refusals = _Wire(), [], set()
