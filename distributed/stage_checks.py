@@ -39,9 +39,10 @@ def _account(cache: Any, found: dict) -> None:
     per_token = keys.nbytes // keys.shape[2] + (values.nbytes // values.shape[2] if values is not None else 0)
     window = getattr(cache, "max_size", None)
     if getattr(cache, "chunk_size", None) is not None:
-        # A chunked cache keeps its chunk, plus the allocation it trims back from.
-        window = cache.chunk_size + ALLOCATION_STEP
-    if window is None:
+        # A chunked cache trims back to its chunk and then allocates a step again, so it
+        # may hold both from the first token on: counted at that, its most.
+        found["fixed"] += per_token * (cache.chunk_size + ALLOCATION_STEP)
+    elif window is None:
         found["per_token"] += per_token
     else:
         found["windows"][window] = found["windows"].get(window, 0) + per_token
@@ -77,7 +78,7 @@ def check_kv_bits(model: nn.Module, start: int, end: int, kv: KVSettings) -> Opt
 def _noise(like: mx.array) -> mx.array:
     """A later stage's input for `check_batching`: the same for every row, by position;
     the embedding's zeros would make every cached value alike and hide a bad mask."""
-    rows, tokens, *rest = like.shape
+    _, tokens, *rest = like.shape
     noise = mx.random.normal((1, tokens, *rest), key=mx.random.key(tokens))
     return mx.broadcast_to(noise, like.shape).astype(like.dtype)
 
