@@ -271,7 +271,8 @@ def prune_to_stage(model: nn.Module, anatomy: Anatomy, stage: Stage, hops: Hops)
         module = get_path(model, path) if path in kept else None
         if shares_head(anatomy, stage) and path == anatomy.head.path:
             set_path(model, path, SharedHead(module, anatomy, stage.phases, stage.is_last))
-        elif not anatomy.phases(path) <= stage.phases:
+        elif module is None or not anatomy.phases(path) <= stage.phases:
+            # Parts the forward pass never uses are dropped too: nothing reads them.
             set_path(model, path, StagePart(module, uses, stage.phases))
 
 

@@ -741,7 +741,7 @@ def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None
             assert response.status_code == 400, response.text
             error = _error(response)
             assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
-            assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB holds" in error["message"]
+            assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB is" in error["message"]
         with pytest.raises(openai.BadRequestError) as err:
             api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=1000)
         assert err.value.code == "kv_cache_exceeded"
