@@ -47,5 +47,9 @@ class Grammars:
     def _ll_tokenizer(self) -> LLTokenizer:
         return from_tokenizer(self.tokenizer._tokenizer, eos_token=sorted(self.tokenizer.eos_token_ids))
 
-    def constraint(self, grammar: str) -> GrammarConstraint:
-        return GrammarConstraint(self._ll_tokenizer, grammar, self.vocab_size)
+    def constraint(self, grammar: str, drawn: list[int]) -> GrammarConstraint:
+        """A sequence's constraint, fed the tokens it drew before a restart."""
+        constraint = GrammarConstraint(self._ll_tokenizer, grammar, self.vocab_size)
+        for token in drawn:
+            constraint.consume(token)
+        return constraint

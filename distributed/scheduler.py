@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
 from distributed.kv_cache import can_batch, can_reuse_prefixes
 from distributed.limits import Limits, RequestError
+from distributed.micro_batch import Flight, MicroBatch
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
@@ -37,27 +37,6 @@ from distributed.sequence import Sequence, TokenResult
 from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MicroBatch:
-    """Sequences rank 0 steps together: prompt chunks, then one token each per step.
-    `batch` is its id in every rank's batch table."""
-
-    batch: int
-    members: list[int]
-    decoding: bool = False
-    work: Optional[StepWork] = None  # its next decode step, built ahead
-
-
-@dataclass
-class Flight:
-    """A launched step whose tokens (or acknowledgement) are on their way back."""
-
-    batch: int
-    members: list[int]
-    results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
-    sample: bool
 
 
 class Scheduler:
@@ -114,14 +93,10 @@ class Scheduler:
         counts those still to draw); `grammar`: what its output must follow; `logprobs`:
         each token's log-probability wanted, with that many top alternatives."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
-        constraint = None
         try:
             if self.vocab_size is not None:
                 check_sampling(params, self.vocab_size)
-            if grammar is not None:
-                constraint = self.grammars.constraint(grammar)
-                for token in prompt[len(prompt) - drawn:]:
-                    constraint.consume(token)
+            constraint = self.grammars.constraint(grammar, prompt[len(prompt) - drawn:]) if grammar else None
         except ValueError as err:
             raise RequestError(str(err), "invalid_sampling") from None
         reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
