@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-
 from bench.pipeline_decode import PROMPT, run_baseline
-from bench.ring import bench_env, free_port, mpi_ranks, start, stop, wait_healthy
+from bench.ring import serving
 from bench.stats import p95
 
 
@@ -68,15 +64,7 @@ def main() -> None:
 
     model_dir = args.model or resolve_model(None, load_settings().model_cache_dir)
     served = served_name(args.model)
-    spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
-    port = free_port()
-    env = bench_env(args.model, SPOOL_DIR=str(spool_dir), API_PORT=str(port))
-    ranks = start(mpi_ranks(args.ranks), env)
-    api = start([sys.executable, str(REPO / "api.py")], env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        print("waiting for the ring and the API ...", flush=True)
-        wait_healthy(url)
+    with serving(args.model, args.ranks) as (url, spool_dir):
         # One keep-alive client, as a real application would use.
         client = httpx.Client(base_url=url)
         to_claim, client_ttfts, engine_ttfts = [], [], []
@@ -111,8 +99,6 @@ def main() -> None:
         print(f"decode, best of {args.rounds}: mlx-ring over HTTP {max(decode):.2f} tok/s, mlx-lm "
               f"{max(baseline):.2f} tok/s, ratio {max(decode) / max(baseline):.3f} (target >= 0.97); "
               f"ratio of medians {statistics.median(decode) / statistics.median(baseline):.3f}")
-    finally:
-        stop(api, ranks)
 
 if __name__ == "__main__":
     main()

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-REPO = Path(__file__).resolve().parent.parent
-
 from models.tiny import _write_json, _write_weights, model_config, random_weights
+
 
 DEFAULT_DIR = Path.home() / ".cache" / "mlx-ring" / "bench" / "qwen2-184m"
 NUM_LAYERS = 12

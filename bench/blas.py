@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 from bench.ring import bench_env
+
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = [(1, 1024, 2816), (8, 1024, 2816)]  # rows, inner, columns
 SIDES = {"reference": "0", "openblas": "1"}  # side -> FAST_BLAS

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 from bench.ring import TICKS, bench_env, cpu_ticks, mpi_ranks, start, stop
 from spool import Spool
+
 
 IDLE_PAUSE = 3.0  # seconds without work before a timed request
 

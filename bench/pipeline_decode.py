@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 from bench.ring import bench_env, mpi_ranks
+
+REPO = Path(__file__).resolve().parent.parent
 
 PROMPT = "Tell me a short story about a lighthouse keeper and a storm."
 

@@ -7,8 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -55,6 +58,23 @@ def stop(*procs: subprocess.Popen) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def serving(model: str | None, ranks: int) -> Iterator[tuple[str, Path]]:
+    """`ranks` ranks under MPI and the API on a fresh spool, until the block ends; yields
+    the API's URL, once healthy, and the spool directory."""
+    spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
+    port = free_port()
+    env = bench_env(model, SPOOL_DIR=str(spool_dir), API_PORT=str(port))
+    procs = (start(mpi_ranks(ranks), env), start([sys.executable, str(REPO / "api.py")], env))
+    try:
+        print("waiting for the ring and the API ...", flush=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        yield url, spool_dir
+    finally:
+        stop(*reversed(procs))
 
 
 def free_port() -> int:

@@ -1,8 +1,8 @@
 """`python -m config`: the resolved settings as shell-quoted `KEY=value` lines.
 
-launch.sh evals this output, so the shell and every Python process share one
-implementation of precedence (environment, then the env file, then the defaults) and
-of validation. An empty value stands for None. A bad setting exits with status 2 and
+For people and scripts: what every mlx-ring process reads, after precedence
+(environment, then the env file, then the defaults) and validation (`eval` takes the
+output as is). An empty value stands for None. A bad setting exits with status 2 and
 the error naming the variable.
 """
 

@@ -11,6 +11,8 @@ from typing import Literal, Optional
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.hosts import Host, cluster_hosts, split_hosts
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -84,7 +86,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    # Launch (read by launch.sh through `python -m config`)
+    # Launch (read by the launcher, launcher/)
     ranks: int = Field(1, ge=1)
     hosts: str = ""
     hostfile: Optional[Path] = None
@@ -95,6 +97,10 @@ class Settings(BaseSettings):
     stop_timeout: int = Field(30, ge=1)
     log_dir: Path = REPO_DIR / "logs"
     run_dir: Path = REPO_DIR / "run"
+
+    def cluster_hosts(self) -> list[Host]:
+        """The hosts HOSTS or HOSTFILE name, in rank order; empty for this machine alone."""
+        return cluster_hosts(self.hosts, self.hostfile, self.ssh_user)
 
     def sampling_defaults(self) -> dict:
         """DEFAULT_TEMPERATURE and the like, by SamplingParams' field names."""
@@ -125,10 +131,7 @@ class Settings(BaseSettings):
     @field_validator("hosts")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        hosts = [h.strip() for h in value.split(",")] if value.strip() else []
-        if not all(re.fullmatch(r"[A-Za-z0-9.:-]+", h) for h in hosts):
-            raise ValueError(f"must be comma-separated IP addresses or hostnames, in rank order; got {value!r}")
-        return ",".join(hosts)
+        return ",".join(split_hosts(value))
 
     @field_validator("hostfile")
     @classmethod

@@ -10,29 +10,28 @@ from typing import Optional
 import mlx.core as mx
 
 from config import Settings
+from distributed.constraint import Grammars
 from distributed.doorbell import connect, listen, rank_addresses
-from distributed.world import all_gather_json, rank_record
-from distributed.kv_cache import KVSettings, kv_bytes_per_token, token_capacity
+from distributed.anatomy import Anatomy
+from distributed.kv_cache import (
+    KVFootprint, KVSettings, batching_refusal, prefix_refusal, refuse_batching, tokens_capacity,
+)
+from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_model
 from distributed.limits import Limits
 from distributed.parallel import ParallelChoice, choose_parallel, log_choice
 from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
+from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
+from distributed.stage_checks import check_batching, check_kv_bits, measure_footprint
+from distributed.world import all_gather_json, rank_record
 from distributed.split import plan_split
-from distributed.shard import (
-    Stage,
-    count_layers,
-    hidden_dtype,
-    load_stage,
-    load_stage_tokenizer,
-    local_layers,
-    local_model_path,
-    parameter_bytes,
-)
 from distributed.tensor import load_tensor
 from distributed.tensor_step import TensorPipeline
 from models import resolve_model, vocab_size
 
 log = logging.getLogger(__name__)
+
+ERROR_CHARS = 240  # of a rank's error or refusal, shared in its start record (RECORD_BYTES in all)
 
 
 @dataclass
@@ -67,59 +66,99 @@ def micro_batches(settings: Settings, ranks: list[dict], tensor: bool = False) -
     return min(settings.micro_batches or machines, len(ranks))
 
 
+def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, stage: Stage,
+                 world: Optional[mx.distributed.Group] = None) -> tuple:
+    """This rank's stage, loaded and checked off the ring: the model, its config, its
+    caches' footprint, and why sequences cannot share batches here (None if they can).
+    With `world`, 1/N of every layer instead (tensor parallelism): every rank must have
+    loaded its part before the checks, whose steps then all-reduce. ValueError if the
+    stage cannot run as set."""
+    if world is None:
+        model, config, _ = load_stage(model_ref, stage, NO_HOPS, path, plan)
+    else:
+        model, config = agreed(world, load_tensor, model_ref, world, path)
+    kv = kv_settings(settings)
+    failed = check_kv_bits(model, stage.start, stage.end, kv)
+    if failed:
+        raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
+                         f"a quantized step of layers {stage.start}-{stage.end - 1} failed ({failed})")
+    footprint = measure_footprint(model, stage.start, stage.end, kv)
+    return model, config, footprint, check_batching(model, stage.start, stage.end, kv)
+
+
+def agreed(world: mx.distributed.Group, load, *args) -> tuple:
+    """`load(*args)` on every rank, then agree it went well everywhere (a collective);
+    ValueError naming the first rank where it did not."""
+    result, error = None, None
+    try:
+        result = load(*args)
+    except ValueError as err:
+        error = err
+    outcomes = all_gather_json(world, {"rank": world.rank(), "error": error and str(error)[:ERROR_CHARS]})
+    failed = next((o for o in outcomes if o["error"]), None)
+    if failed is not None:
+        raise error or ValueError(f"rank {failed['rank']}: {failed['error']}")
+    return result
+
+
 def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
     rank, size = world.rank(), world.size()
     model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
     path = local_model_path(model_ref)
-    num_layers = count_layers(path)
+    plan, layer_bytes = plan_model(path)
     records = all_gather_json(world, rank_record(rank))
-    parallel = choose_parallel(settings.parallel, world, model_ref, path)
+    parallel = choose_parallel(settings.parallel, world, model_ref, path, plan)
     log_choice(parallel)
     tensor = parallel.mode == "tensor"
     if tensor:
-        stage = Stage(rank, size, 0, num_layers)
-        log.info("loading part %d of %d of each of %d layers from %s", rank + 1, size, num_layers, model_ref)
-        model, config = load_tensor(model_ref, world, path)
+        stage = Stage(rank, size, 0, plan.count)
+        log.info("loading part %d of %d of each of %d layers from %s", rank + 1, size, plan.count, model_ref)
     else:
-        bounds = plan_split(settings.layer_split, num_layers, [r["memory"] for r in records])
+        bounds = plan_split(settings.layer_split, layer_bytes, [r["memory"] for r in records])
         stage = Stage(rank, size, *bounds[rank])
-        log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, num_layers, model_ref)
-        model, config = load_stage(model_ref, stage, world, path)
-
-    kv = kv_settings(settings)
-    per_token = kv_bytes_per_token(
-        local_layers(model, stage), model.args.hidden_size, hidden_dtype(model)
-    )
-    addresses = rank_addresses(size, settings.hosts, settings.hostfile) if size > 1 else []
-    listener = listen(addresses[rank]) if size > 1 else None
-    record = rank_record(rank) | {
-        "layers": [stage.start, stage.end],
-        # This rank's part of each of those layers, [index, parts]: [0, 1] in a pipeline.
-        "shard": [rank, size] if tensor else [0, 1],
-        "parameter_bytes": parameter_bytes(model),
-        "kv_bytes_per_token": per_token,
-        "doorbell": listener.getsockname()[1] if listener else None,
-    }
+        log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
+    # "shard": this rank's part of each of its layers, [index, parts]; [0, 1] in a pipeline.
+    record = rank_record(rank) | {"layers": [stage.start, stage.end], "shard": [rank, size] if tensor else [0, 1]}
+    failure: Optional[ValueError] = None
+    try:
+        model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage,
+                                                          world if tensor else None)
+        record |= {"parameter_bytes": parameter_bytes(model), "kv_footprint": footprint.to_json(),
+                   "batching_refusal": batching and batching[:ERROR_CHARS]}
+    except ValueError as err:
+        # Every rank fails alike: the others are waiting for this rank's record.
+        record["error"] = str(err)[:ERROR_CHARS]
+        failure = err
+    addresses = rank_addresses(size, settings.cluster_hosts()) if size > 1 else []
+    listener = listen(addresses[rank]) if size > 1 and failure is None else None
+    record["doorbell"] = listener.getsockname()[1] if listener else None
     ranks = all_gather_json(world, record)
+    for r in ranks:
+        if "error" in r:
+            raise failure or ValueError(f"rank {r['rank']}: {r['error']}")
+    attach_hops(model, ring_hops(stage, world))
     bell = None
     if listener is not None:
         peer = stage.next_rank
         bell = connect(listener, (addresses[peer], ranks[peer]["doorbell"]), rank, stage.prev_rank)
-    largest = max(r["kv_bytes_per_token"] for r in ranks)
-    limits = Limits(
-        settings.max_sequence_length,
-        token_capacity(settings.kv_cache_reserved_memory_mb * 2**20, largest),
-        kv,
-    )
-    log.info("ring ready: %d ranks, KV capacity %d tokens", size, limits.kv_capacity)
+    footprints = tuple(KVFootprint.from_json(r["kv_footprint"]) for r in ranks)
+    limits = Limits(settings.max_sequence_length, settings.kv_cache_reserved_memory_mb * 2**20, footprints)
+    log.info("ring ready: %d ranks, KV cache per rank: %s", size, ", ".join(map(str, footprints)))
+    # Batching is off ring-wide where any rank's check refused it: rank 0 groups for all.
+    refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
+    kv = kv_settings(settings)
     pipeline = (TensorPipeline if tensor else Pipeline)(model, stage, world, kv, bell)
     scheduler = tokenizer = None
     if stage.is_first:
-        prompt_cache_tokens = token_capacity(settings.prompt_cache_mb * 2**20, largest)
+        for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
+            if why:
+                log.info("%s off: %s", what, why)
+        largest = max(f.per_token for f in footprints)
+        prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
         tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
-            frozenset(tokenizer.eos_token_ids), vocab_size(config),
+            frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

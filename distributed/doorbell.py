@@ -15,11 +15,11 @@ A neighbour that dies closes its end: the waiting rank learns it at once.
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
-from pathlib import Path
-from typing import Optional
+from typing import Sequence
+
+from config.hosts import Host
 
 # How long to keep trying the next rank's doorbell while it starts listening.
 CONNECT_TIMEOUT = 30.0
@@ -128,15 +128,10 @@ def connect(server: socket.socket, next_address: tuple[str, int], rank: int, pre
     return bell
 
 
-def rank_addresses(size: int, hosts: str, hostfile: Optional[Path]) -> list[str]:
-    """Each rank's address, from the cluster's settings: HOSTS, HOSTFILE (mlx.launch's
-    JSON, its first IP per host), or this machine for every rank."""
-    if hosts:
-        names = [h.split("@")[-1] for h in hosts.split(",")]
-    elif hostfile is not None:
-        names = [(entry.get("ips") or [entry["ssh"]])[0] for entry in json.loads(Path(hostfile).read_text())]
-    else:
-        names = ["127.0.0.1"] * size
+def rank_addresses(size: int, hosts: Sequence[Host]) -> list[str]:
+    """Each rank's address: its host's (from HOSTS or HOSTFILE), or this machine for
+    every rank when the settings name no hosts."""
+    names = [host.address for host in hosts] or ["127.0.0.1"] * size
     if len(names) != size:
         raise ValueError(f"the settings name {len(names)} hosts for a ring of {size} ranks")
     return names

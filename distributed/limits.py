@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distributed.kv_cache import KVSettings, tokens_reserved
+from distributed.kv_cache import KVFootprint
 
 
 class RequestError(ValueError):
@@ -17,16 +17,17 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Token limits: MAX_SEQUENCE_LENGTH per sequence, and the KV tokens that
-    KV_CACHE_RESERVED_MEMORY_MB holds on the tightest rank, for all active
-    sequences together."""
+    """MAX_SEQUENCE_LENGTH per sequence, and the KV cache bytes KV_CACHE_RESERVED_MEMORY_MB
+    gives each rank for all active sequences together; `footprints` are each rank's
+    caches' cost (see `KVFootprint`)."""
 
     max_sequence_length: int
     kv_capacity: int
-    kv: KVSettings = KVSettings()
+    footprints: tuple[KVFootprint, ...] = (KVFootprint(),)
 
     def reserve(self, prompt_tokens: int, max_tokens: int) -> int:
-        """KV tokens a sequence needs; refuses work that could never run."""
+        """KV bytes a sequence needs on the rank where it needs most; refuses work that
+        could never run."""
         total = prompt_tokens + max_tokens
         if prompt_tokens < 1:
             raise RequestError("the prompt has no tokens", "invalid_prompt")
@@ -36,11 +37,11 @@ class Limits:
                 f"to generate) but MAX_SEQUENCE_LENGTH is {self.max_sequence_length}",
                 "context_length_exceeded",
             )
-        need = tokens_reserved(total, self.kv)
+        need = max(f.bytes_for(total) for f in self.footprints)
         if need > self.kv_capacity:
             raise RequestError(
-                f"this request needs {need} tokens of KV cache but "
-                f"KV_CACHE_RESERVED_MEMORY_MB holds {self.kv_capacity} tokens",
+                f"this request needs {need / 2**20:.1f} MiB of KV cache per rank but "
+                f"KV_CACHE_RESERVED_MEMORY_MB is {self.kv_capacity / 2**20:.1f}",
                 "kv_cache_exceeded",
             )
         return need

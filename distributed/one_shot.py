@@ -42,7 +42,13 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
         return 2
     finally:
         cluster.scheduler.shutdown()
-    text = tokenizer.decode(tokens)
+    # mlx-lm's streaming detokenizer, as for served requests: `decode` may differ (spaces).
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    text = detokenizer.text
     if args.json:
         timings = {
             "prompt_tokens": len(prompt),

@@ -32,7 +32,9 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model
 
-from distributed.shard import hidden_dtype, parameter_bytes
+from distributed.anatomy import Anatomy, get_path
+from distributed.loading import parameter_bytes
+from distributed.shard import layer_list
 from distributed.tensor import shard_problem
 from distributed.world import all_gather_json
 
@@ -60,8 +62,11 @@ class ParallelChoice:
         return {"mode": self.mode, "requested": self.requested, "reason": self.reason} | self.figures
 
 
-def choose_parallel(requested: str, world: mx.distributed.Group, model: str, path: Path) -> ParallelChoice:
-    """Collective: every rank calls it with the same settings and gets the same choice."""
+def choose_parallel(
+    requested: str, world: mx.distributed.Group, model: str, path: Path, anatomy: Anatomy
+) -> ParallelChoice:
+    """Collective: every rank calls it with the same settings and gets the same choice.
+    `anatomy`: the model's, from its config (`distributed.loading.plan_model`)."""
     size = world.size()
     if size == 1:
         return ParallelChoice("pipeline", requested, "one rank: nothing to split")
@@ -75,32 +80,34 @@ def choose_parallel(requested: str, world: mx.distributed.Group, model: str, pat
         return ParallelChoice("tensor", requested, "PARALLEL=tensor")
     if problem is not None:
         return ParallelChoice("pipeline", requested, f"the model cannot be split by tensor: {problem}")
-    figures = measure(world, skeleton, model, path)
+    figures = measure(world, skeleton, anatomy, model, path)
     tensor, pipeline = figures["token_ms"]["tensor"], figures["token_ms"]["pipeline"]
     mode = "tensor" if tensor < pipeline else "pipeline"
     reason = f"estimated {tensor:.1f} ms a token split by tensor, {pipeline:.1f} ms by pipeline"
     return ParallelChoice(mode, requested, reason, figures)
 
 
-def measure(world: mx.distributed.Group, skeleton: nn.Module, model: str, path: Path) -> dict:
+def measure(world: mx.distributed.Group, skeleton: nn.Module, anatomy: Anatomy, model: str, path: Path) -> dict:
     """Collective: the link and one layer, timed on every rank; the slowest rank's
     figures, and the estimates built from them, identical on every rank."""
     if fetch_first_layer(model, path):
         skeleton, _ = load_model(path, lazy=True, strict=False)  # now with the real tensors
-    dtype = hidden_dtype(skeleton)
-    mine = time_link(world, skeleton.args.hidden_size, dtype) | {"layer_ms": time_layer(skeleton, dtype)}
+    hidden_size, dtype = skeleton.args.hidden_size, anatomy.logits_dtype
+    first = layer_list(skeleton, anatomy)[0]
+    mine = time_link(world, hidden_size, dtype) | {"layer_ms": time_layer(first, hidden_size, dtype)}
     ranks = all_gather_json(world, mine)
     all_reduce_us = max(r["all_reduce_us"] for r in ranks)
     bandwidth = min(r["bandwidth_mb_s"] for r in ranks) * 1e6
     layer_ms = max(r["layer_ms"] for r in ranks)
-    layers, size = len(skeleton.layers), world.size()
-    head_ms = layer_ms * parameter_bytes(head_of(skeleton)) / parameter_bytes(skeleton.model.layers[0])
-    logits_ms = 1e3 * skeleton.args.vocab_size * mx.float32.size / bandwidth
+    head = get_path(skeleton, anatomy.head.path) if anatomy.head is not None else None
+    head_ms = layer_ms * parameter_bytes(head) / parameter_bytes(first) if head is not None else 0.0
+    logits_ms = 1e3 * anatomy.vocab * mx.float32.size / bandwidth
     hop_ms = all_reduce_us / 1e3
-    compute_ms = layers * layer_ms
+    compute_ms = anatomy.count * layer_ms
+    size = world.size()
     estimate = {
         "pipeline": compute_ms + head_ms / 2 + size * hop_ms + logits_ms / 2,
-        "tensor": (compute_ms + head_ms) / size + (2 * layers + 2) * hop_ms + logits_ms,
+        "tensor": (compute_ms + head_ms) / size + (2 * anatomy.count + 2) * hop_ms + logits_ms,
     }
     return {
         "all_reduce_us": round(all_reduce_us, 1),
@@ -130,24 +137,20 @@ def time_link(world: mx.distributed.Group, hidden_size: int, dtype: mx.Dtype) ->
     return {"all_reduce_us": small_s * 1e6, "bandwidth_mb_s": LARGE_BYTES / max(large_s - small_s, 1e-9) / 1e6}
 
 
-def time_layer(skeleton: nn.Module, dtype: mx.Dtype) -> float:
-    """Milliseconds of one decode step of the model's first layer, whole, on this rank."""
-    layer = skeleton.model.layers[0]
+def time_layer(layer: nn.Module, hidden_size: int, dtype: mx.Dtype) -> float:
+    """Milliseconds of one decode step of a decoder layer, whole, on this rank (called
+    as the models that define shard() call theirs: hidden state, mask, cache)."""
     mx.eval(layer.parameters())  # read from disk: only this layer's tensors
     cache = KVCache()
-    context = mx.random.normal((1, CONTEXT, skeleton.args.hidden_size)).astype(dtype)
+    context = mx.random.normal((1, CONTEXT, hidden_size)).astype(dtype)
     mx.eval(layer(context, "causal", cache))
-    token = mx.random.normal((1, 1, skeleton.args.hidden_size)).astype(dtype)
+    token = mx.random.normal((1, 1, hidden_size)).astype(dtype)
     times = []
     for _ in range(LAYER_REPEATS + 1):
         start = time.perf_counter()
         mx.eval(layer(token, None, cache))
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[1:])
-
-
-def head_of(model: nn.Module) -> nn.Module:
-    return model.model.embed_tokens if "lm_head" not in model else model.lm_head
 
 
 def fetch_first_layer(model: str, path: Path) -> bool:

@@ -17,7 +17,7 @@ from distributed.doorbell import Doorbell
 from distributed.batch_table import Batch, BatchTable
 from distributed.kv_cache import KVSettings
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
-from distributed.shard import Stage, shared_head
+from distributed.shard import Stage, logits_shape, sending_layer, shared_head
 from distributed.transport import StepWork, Transport
 
 
@@ -35,7 +35,8 @@ class Pipeline:
         self.model = model
         self.stage = stage
         self.kv = kv
-        self.head = shared_head(model)  # rank 0 and the last rank of a ring
+        self.head = shared_head(model)  # rank 0 and the last rank of a ring, if it may be shared
+        self.vocab, self.logits_dtype = logits_shape(model)
         self.table = BatchTable(model, stage, kv)
         self.transport = Transport(stage, world, bell)
 
@@ -67,8 +68,7 @@ class Pipeline:
         # arrays as `state`, and the next step's update rewrites those in place, so
         # a step started in the background must not name them.
         if not self.stage.is_last:
-            sender = self.model.model.layers[self.stage.end - 1]
-            return StepWork([sender.sending], out)
+            return StepWork([sending_layer(self.model).sending], out)
         if sample and self.stage.size == 1:
             return StepWork([self.sample(target, out)])
         if sample:
@@ -126,7 +126,7 @@ class Pipeline:
         if share:
             hidden = self.transport.receive_array((rows, 1, head.hidden_size), head.input_dtype)
             results.append(head.logits(hidden, 0, start))
-        logits = self.transport.receive_array((rows, 1, head.vocab - start), head.logits_dtype)
+        logits = self.transport.receive_array((rows, 1, self.vocab - start), self.logits_dtype)
         if share:
             logits = mx.concatenate([results[0], logits], axis=-1)
         return results + [self.sample(target, logits)]

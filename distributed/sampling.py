@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from distributed.constraint import GrammarConstraint
 from spool.protocol import SamplingParams
 
 
@@ -30,10 +32,17 @@ class TokenSampler:
         self.history = mx.array(prompt, dtype=mx.int32)
         self.seed = params.seed
         self.drawn = drawn
+        self.constraint: Optional[GrammarConstraint] = None  # set by the scheduler for a grammar
+        # Set by the scheduler for a request that wants log-probabilities: each draw's
+        # (chosen, top ids, top log-probabilities), lazy, read once its token is known.
+        self.logprob_log: Optional[deque] = None
+        self.top_logprobs = 0
 
     def __call__(self, logits: mx.array) -> mx.array:
         """Next token (shape [1]) from the logits of the last position."""
         logits = logits[:, -1, :]
+        if self.constraint is not None:
+            logits = mx.where(self.constraint.allowed(), logits, -mx.inf)
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
@@ -43,6 +52,11 @@ class TokenSampler:
             mx.random.seed((self.seed * SEED_STRIDE + self.drawn) % 2**64)
             self.drawn += 1
         token = self.sample(logprobs).astype(mx.int32)
+        if self.logprob_log is not None:
+            k = self.top_logprobs
+            top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k] if k else mx.zeros((1, 0), mx.int32)
+            self.logprob_log.append((mx.take_along_axis(logprobs, token[:, None], axis=-1), top,
+                                     mx.take_along_axis(logprobs, top, axis=-1)))
         if self.processors:
             self.history = mx.concatenate([self.history, token])
         return token

@@ -21,42 +21,22 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
 from distributed.kv_cache import can_batch, can_reuse_prefixes
 from distributed.limits import Limits, RequestError
+from distributed.micro_batch import Flight, MicroBatch
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prompt_cache import PromptCacheIndex
+from distributed.constraint import Grammars
 from distributed.sampling import SamplingParams, check_sampling
 from distributed.sequence import Sequence, TokenResult
 from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MicroBatch:
-    """Sequences rank 0 steps together: prompt chunks, then one token each per step.
-    `batch` is its id in every rank's batch table."""
-
-    batch: int
-    members: list[int]
-    decoding: bool = False
-    work: Optional[StepWork] = None  # its next decode step, built ahead
-
-
-@dataclass
-class Flight:
-    """A launched step whose tokens (or acknowledgement) are on their way back."""
-
-    batch: int
-    members: list[int]
-    results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
-    sample: bool
 
 
 class Scheduler:
@@ -69,11 +49,13 @@ class Scheduler:
         micro_batches: int = 1,
         eos_token_ids: frozenset[int] = frozenset(),
         vocab_size: Optional[int] = None,
+        grammars: Optional[Grammars] = None,
     ):
         self.pipeline = pipeline
         self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
+        self.grammars = grammars
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
@@ -104,16 +86,19 @@ class Scheduler:
         """Whether a request's KV reservation fits now; RequestError if it never will."""
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0) -> int:
+    def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0,
+               grammar: Optional[str] = None, logprobs: Optional[int] = None) -> int:
         """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
         tokens at the end of `prompt` it generated before a restart (`max_tokens`
-        counts those still to draw)."""
+        counts those still to draw); `grammar`: what its output must follow; `logprobs`:
+        each token's log-probability wanted, with that many top alternatives."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
-        if self.vocab_size is not None:
-            try:
+        try:
+            if self.vocab_size is not None:
                 check_sampling(params, self.vocab_size)
-            except ValueError as err:
-                raise RequestError(str(err), "invalid_sampling") from None
+            constraint = self.grammars.constraint(grammar, prompt[len(prompt) - drawn:]) if grammar else None
+        except ValueError as err:
+            raise RequestError(str(err), "invalid_sampling") from None
         reuse = self.prompt_cache.lookup(prompt) if self.prompt_cache else None
         seq = batch = self._next_id
         self._next_id += 1
@@ -124,8 +109,13 @@ class Scheduler:
             "reuse": [reuse.entry, reuse.tokens] if reuse else None,
         }
         self.pipeline.tell(Header(Op.START, batch, seq), json.dumps(work).encode())
+        sampler = self.pipeline.table.batches[batch].samplers[0]
+        sampler.constraint = constraint
+        if logprobs is not None:
+            sampler.logprob_log, sampler.top_logprobs = deque(), logprobs
         cached = reuse.tokens if reuse else 0
-        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached)
+        self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached,
+                                       constraint=constraint, logprob_log=sampler.logprob_log)
         self.micro_batches[batch] = MicroBatch(batch, [seq])
         self._requeue(self.micro_batches[batch])
         self.reserved += reserved
@@ -249,8 +239,9 @@ class Scheduler:
             sample = False
         ring = self.pipeline.results_over_ring
         # Exactly one row: its half-head logits are the same bits as the whole
-        # head's, which a BLAS may not give for a batch split across ranks.
-        share = ring and sample and len(micro.members) == 1
+        # head's, which a BLAS may not give for a batch split across ranks. Only
+        # where the head's output is the logits (no softcap or scale after it).
+        share = ring and sample and len(micro.members) == 1 and self.pipeline.head is not None
         flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
         self.transport.broadcast(Header(Op.STEP, micro.batch, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
@@ -304,6 +295,8 @@ class Scheduler:
             return  # waiting micro-batches take its place as decoding ones of their own
         kept = [i for i, s in enumerate(rows) if s not in done]
         joining = self._absorb(micro) if self._is_smallest(micro) else []
+        if any(self.sequences[s].constraint is not None for s in micro.members):
+            return  # a grammar's mask needs the pending tokens' values: built at launch
         parts = []
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])

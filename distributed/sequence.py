@@ -8,8 +8,12 @@ finishes the sequence through the scheduler; so does a client's cancel.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+from distributed.constraint import GrammarConstraint
+from spool.protocol import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class TokenResult:
     seq: int
     token: int
     finish_reason: Optional[Literal["stop", "length"]] = None
+    logprob: Optional[TokenLogprob] = None  # when its request asked for log-probabilities
 
     @property
     def in_completion(self) -> bool:
@@ -41,6 +46,8 @@ class Sequence:
     fed: int  # tokens the model has been given
     finished: bool = False
     left: bool = False
+    constraint: Optional[GrammarConstraint] = None  # its grammar, if its request has one
+    logprob_log: Optional[deque] = None  # its sampler's draws' log-probabilities, if asked for
 
     @property
     def generated(self) -> int:
@@ -53,6 +60,13 @@ class Sequence:
     def draw(self, token: int, eos_token_ids: frozenset[int]) -> TokenResult:
         """Take the next token; the result says whether it ends the sequence."""
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
+        logprob = None
+        if self.logprob_log is not None:
+            chosen, top_ids, top_values = self.logprob_log.popleft()
+            logprob = TokenLogprob(token=token, logprob=chosen.item(),
+                                   top=sorted(zip(top_ids[0].tolist(), top_values[0].tolist()), key=lambda t: -t[1]))
         if token in eos_token_ids:
-            return TokenResult(self.seq, token, "stop")
-        return TokenResult(self.seq, token, "length" if self.reaches_length() else None)
+            return TokenResult(self.seq, token, "stop", logprob)
+        return TokenResult(self.seq, token, "length" if self.reaches_length() else None, logprob)

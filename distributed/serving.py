@@ -16,7 +16,7 @@ from distributed.sequence import TokenResult
 from distributed.text_stream import TextStream
 from models import served_name
 from spool import Spool
-from spool.protocol import Delta, Failed, Final, SpoolRequest, Started, Timings, Usage
+from spool.protocol import Delta, Failed, Final, SpoolRequest, Started, Timings, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Reply:
     first_token: Optional[float] = None
     completion: int = 0
     unwritten: list[int] = field(default_factory=list)  # drawn tokens whose text is held back
+    logprobs: Optional[list[TokenLogprob]] = None  # theirs, when the request asked for them
 
 
 class Serving:
@@ -79,8 +80,8 @@ class Serving:
                 "active": len(self.replies),
                 "peak_active": self.peak_active,
                 "micro_batches": self.scheduler.max_in_flight,
-                "kv_capacity_tokens": self.scheduler.limits.kv_capacity,
-                "kv_reserved_tokens": self.scheduler.reserved,
+                "kv_capacity_bytes": self.scheduler.limits.kv_capacity,
+                "kv_reserved_bytes": self.scheduler.reserved,
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
@@ -137,7 +138,8 @@ class Serving:
             try:
                 if not self.scheduler.fits(len(prompt), request.max_tokens - len(drawn)):
                     return
-                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn))
+                seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn),
+                                            request.grammar, request.logprobs)
             except RequestError as err:
                 log.info("request %s refused: %s", request_id, err)
                 self.spool.finish(request_id, Failed(message=str(err), code=err.code, status=400))
@@ -151,7 +153,8 @@ class Serving:
             for token in drawn:
                 stream.add(token)  # the text they made was written before the restart
             self.replies[seq] = Reply(request_id, len(request.prompt_tokens), stream, cached, claim.started,
-                                      claim.claimed_at, completion=len(drawn))
+                                      claim.claimed_at, completion=len(drawn),
+                                      logprobs=[] if request.logprobs is not None else None)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info("request %s: %d prompt tokens (%d cached)%s, %d active", request_id, len(request.prompt_tokens),
                      cached, f", resumed after {len(drawn)} tokens" if drawn else "", len(self.replies))
@@ -176,15 +179,22 @@ class Serving:
         if result.in_completion:
             reply.completion += 1
             reply.unwritten.append(result.token)
+            if reply.logprobs is not None:
+                reply.logprobs.append(result.logprob)
             text, hit = reply.stream.add(result.token)
             if text or hit:
-                self.spool.append(reply.request_id, Delta(text=text, token_ids=reply.unwritten))
-                reply.unwritten = []
+                self.write_delta(reply, text)
             if hit:
                 self.end(result.seq, "stop")
                 return
         if result.finish_reason is not None:
             self.end(result.seq, result.finish_reason)
+
+    def write_delta(self, reply: Reply, text: str) -> None:
+        """The text made so far, with the tokens (and log-probabilities) it came from."""
+        self.spool.append(reply.request_id, Delta(text=text, token_ids=reply.unwritten, logprobs=reply.logprobs))
+        reply.unwritten = []
+        reply.logprobs = [] if reply.logprobs is not None else None
 
     def check_cancelled(self) -> None:
         for seq, reply in list(self.replies.items()):
@@ -200,7 +210,7 @@ class Serving:
             # Held-back text (a partial character, a possible stop string's start) is reply.
             tail = reply.stream.finish()
             if tail or reply.unwritten:
-                self.spool.append(reply.request_id, Delta(text=tail, token_ids=reply.unwritten))
+                self.write_delta(reply, tail)
         now = time.perf_counter()
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,

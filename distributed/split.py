@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 
-def even_split(num_layers: int, ranks: int) -> list[int]:
-    """Equal shares; the first ranks take one extra layer each when it doesn't divide."""
-    base, extra = divmod(num_layers, ranks)
-    return [base + (1 if r < extra else 0) for r in range(ranks)]
+SEARCH_STEPS = 64  # halvings of the load bound: far below one byte of any model
 
 
-def memory_split(num_layers: int, memory: list[int]) -> list[int]:
-    """Shares proportional to each rank's available memory, at least one layer each."""
-    ranks = len(memory)
-    spare = num_layers - ranks
-    total = sum(memory) or ranks
-    exact = [spare * m / total for m in memory]
-    counts = [1 + int(x) for x in exact]
-    # Largest remainders take the layers rounding left over.
-    order = sorted(range(ranks), key=lambda r: exact[r] - int(exact[r]), reverse=True)
-    for r in order[: num_layers - sum(counts)]:
-        counts[r] += 1
-    return counts
+def _pack(weights: list[int], capacities: list[float]) -> list[int] | None:
+    """Layers per rank, each rank taking as many as fit its capacity and leaving one
+    for each rank after it; None when the layers do not all fit, one a rank at least."""
+    counts, start = [], 0
+    for r, capacity in enumerate(capacities):
+        end, load = start, 0
+        last = len(weights) - (len(capacities) - r - 1)  # leaves one layer for each later rank
+        while end < last and load + weights[end] <= capacity:
+            load += weights[end]
+            end += 1
+        if end == start:
+            return None
+        counts.append(end - start)
+        start = end
+    return counts if start == len(weights) else None
+
+
+def balanced_split(weights: list[int], shares: list[float]) -> list[int]:
+    """Contiguous layers per rank, at least one each, weighed by their bytes (a dense first
+    layer and mixture-of-experts layers differ): the largest load relative to a rank's
+    share is least, and within that each rank takes its share of what is left, rounded
+    up to a whole layer (so equal layers split as evenly as they can, the first ranks
+    taking one more)."""
+    low, high = 0.0, float(sum(weights)) / min(shares)
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        if _pack(weights, [middle * share for share in shares]) is None:
+            low = middle
+        else:
+            high = middle
+    capacities = [high * share for share in shares]
+    counts, start = [], 0
+    for r in range(len(shares) - 1):
+        fair = sum(weights[start:]) * shares[r] / sum(shares[r:])
+        fits = [
+            end for end in range(start + 1, len(weights) - (len(shares) - r - 1) + 1)
+            if sum(weights[start:end]) <= capacities[r] and _pack(weights[end:], capacities[r + 1 :]) is not None
+        ]
+        above = [end for end in fits if sum(weights[start:end]) >= fair]
+        end = min(above) if above else max(fits)
+        counts.append(end - start)
+        start = end
+    return counts + [len(weights) - start]
 
 
 def explicit_split(spec: str, num_layers: int, ranks: int) -> list[int]:
@@ -37,18 +65,19 @@ def explicit_split(spec: str, num_layers: int, ranks: int) -> list[int]:
     return counts
 
 
-def plan_split(spec: str, num_layers: int, memory: list[int]) -> list[tuple[int, int]]:
-    """Layer range [start, end) per rank for LAYER_SPLIT `spec` ('even', 'memory' or '10,20')."""
-    ranks = len(memory)
+def plan_split(spec: str, layer_bytes: list[int], memory: list[int]) -> list[tuple[int, int]]:
+    """Layer range [start, end) per rank for LAYER_SPLIT `spec`: 'even' (equal bytes of
+    layers), 'memory' (bytes in proportion to each rank's available memory) or '10,20'."""
+    ranks, num_layers = len(memory), len(layer_bytes)
     if ranks > num_layers:
         raise ValueError(
             f"the cluster has {ranks} ranks but the model has only {num_layers} layers; "
             "use at most one rank per layer"
         )
     if spec == "even":
-        counts = even_split(num_layers, ranks)
+        counts = balanced_split(layer_bytes, [1.0] * ranks)
     elif spec == "memory":
-        counts = memory_split(num_layers, memory)
+        counts = balanced_split(layer_bytes, [max(m, 1) / max(memory) for m in memory])
     else:
         counts = explicit_split(spec, num_layers, ranks)
     bounds = []

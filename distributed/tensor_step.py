@@ -22,6 +22,10 @@ from distributed.transport import StepWork
 class TensorPipeline(Pipeline):
     """This rank's 1/N of every layer, its batch table, and the doorbells to its neighbours."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_head = tensor_head(self.model)
+
     @property
     def results_over_ring(self) -> bool:
         return False  # rank 0 computes the logits itself
@@ -33,7 +37,8 @@ class TensorPipeline(Pipeline):
         each row's next token; a step of one row shares the head (`TensorHead`), which
         every rank knows from the batch alone (`share` is the pipeline's, unused)."""
         ids = mx.distributed.all_sum(ids, group=self.transport.world)
-        tensor_head(self.model).shared = sample and ids.shape[0] == 1
+        if self.tensor_head is not None:
+            self.tensor_head.shared = sample and ids.shape[0] == 1
         target, out = self.forward(batch, ids)
         if not sample:
             # Prefill: the caches are the output, as in mlx-lm. The scheduler reads a

@@ -12,6 +12,7 @@ import platform
 import socket
 
 import mlx.core as mx
+import psutil
 
 from config.blas import blas_in_use
 
@@ -90,6 +91,9 @@ def rank_record(rank: int) -> dict:
         "rank": rank,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        # With the pid, tells this process from a later one given the same pid: the
+        # launcher signals a rank only when both match.
+        "created": psutil.Process().create_time(),
         "memory": available_memory(),
         "blas": blas_in_use(),
     }

@@ -22,7 +22,7 @@ from http_api.served_model import load_served_model
 from http_api.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, ModelCard, ModelList,
 )
-from http_api.submit import chat_tokens, generate
+from http_api.submit import chat, complete
 from spool import Spool
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         request.app.state.model.check_name(body.model)
-        return await generate(request, body, chat_tokens(request.app.state.model.tokenizer, body.chat()))
+        return await chat(request, body)
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         request.app.state.model.check_name(body.model)
-        return await generate(request, body, request.app.state.model.tokenizer.encode(body.prompt))
+        return await complete(request, body)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from http_api.errors import APIError
 from http_api.events import EventFeed, KeepAlive
-from spool.protocol import Delta, Event, Failed, Final, Requeued
+from spool.protocol import Delta, Event, Failed, Final, Requeued, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,11 @@ class Reply(Protocol):
 
     keepalive: str
 
-    def whole(self, text: str, final: Final) -> BaseModel: ...
+    def whole(self, text: str, final: Final, logprobs: list[TokenLogprob] | None) -> BaseModel: ...
 
     def opening(self) -> list[str]: ...
 
-    def delta(self, text: str) -> list[str]: ...
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None) -> list[str]: ...
 
     def closing(self, final: Final) -> list[str]: ...
 
@@ -46,15 +46,18 @@ def _finished(feed: EventFeed, final: Final) -> None:
 async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
     """Wait for the whole result of a non-streaming request."""
     parts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None
     try:
         async for event in feed.events():
             if isinstance(event, Delta):
                 parts.append(event.text)
+                if event.logprobs is not None:
+                    logprobs = (logprobs or []) + event.logprobs
             elif isinstance(event, Failed):
                 raise APIError.of(event)
             elif isinstance(event, Final):
                 _finished(feed, event)
-                return reply.whole("".join(parts), event)
+                return reply.whole("".join(parts), event, logprobs)
         raise _client_gone()
     finally:
         feed.close("client gone or timed out")
@@ -89,8 +92,8 @@ async def stream(feed: EventFeed, events: AsyncIterator[Event | KeepAlive], firs
         while event is not None:
             if isinstance(event, KeepAlive):
                 ready.append(reply.keepalive)
-            elif isinstance(event, Delta) and event.text:
-                ready += reply.delta(event.text)
+            elif isinstance(event, Delta) and (event.text or event.logprobs):
+                ready += reply.delta(event.text, event.logprobs)
             elif isinstance(event, Failed):
                 ready.append(reply.failure(APIError.of(event)))
                 yield "".join(ready)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 import jinja2
@@ -17,20 +17,23 @@ from starlette.background import BackgroundTask
 from config import Settings
 from http_api.errors import APIError
 from http_api.events import EventFeed, heartbeat_problem
+from http_api.logprobs import LogprobText
 from http_api.replies import ChatReply, CompletionReply
-from http_api.schemas import ChatCompletionRequest, GenerationRequest
+from http_api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from http_api.streaming import Reply, collect, first_event, stream
+from http_api.tools import ToolCallText, check_tools, tool_grammar
 from spool.protocol import SamplingParams, SpoolRequest
 
 log = logging.getLogger(__name__)
 
 
-def chat_tokens(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """The conversation through the model's chat template, ready for the assistant's turn."""
+def chat_tokens(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The conversation (and the tools) through the model's chat template, ready for the
+    assistant's turn."""
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
     except jinja2.TemplateError as err:
         raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
 
@@ -73,6 +76,8 @@ class Work:
     stop: list[str]
     stream: bool
     param: str  # the request field that holds the prompt, named in errors
+    grammar: str | None = None  # what the output must follow (structured outputs, tool calls)
+    logprobs: int | None = None  # log-probabilities wanted, with this many top alternatives
 
 
 ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
@@ -94,7 +99,8 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
         # Kept in the spool, so a request resumed after a ring restart draws as it would have.
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=sampling, stop=work.stop, created=int(time.time()))
+                          sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
+                          created=int(time.time()))
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
@@ -115,12 +121,27 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
 def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingParams) -> Work:
     chat = isinstance(body, ChatCompletionRequest)
     return Work("chat" if chat else "completion", prompt, body.requested_max_tokens(), body.sampling(defaults),
-                body.stop, bool(body.stream), "messages" if chat else "prompt")
+                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar(), body.wanted_logprobs())
 
 
-async def generate(request: Request, body: GenerationRequest, prompt: list[int]) -> Any:
-    """Answer an OpenAI chat or text completion."""
-    work = openai_work(body, prompt, request.app.state.model.defaults)
-    reply_type = ChatReply if work.kind == "chat" else CompletionReply
-    return await answer(request, work, lambda request_id, created: reply_type(
-        request_id, created, body.model, body.include_usage()))
+async def complete(request: Request, body: CompletionRequest) -> Any:
+    """Answer an OpenAI text completion."""
+    served = request.app.state.model
+    work = openai_work(body, served.tokenizer.encode(body.prompt), served.defaults)
+    logprob_text = LogprobText(served.tokenizer) if work.logprobs is not None else None
+    return await answer(request, work, lambda request_id, created: CompletionReply(
+        request_id, created, body.model, body.include_usage(), logprob_text))
+
+
+async def chat(request: Request, body: ChatCompletionRequest) -> Any:
+    """Answer an OpenAI chat completion, tool calls included."""
+    tokenizer = request.app.state.model.tokenizer
+    check_tools(tokenizer, body)
+    tools = body.template_tools()
+    work = openai_work(body, chat_tokens(tokenizer, body.chat(), tools), request.app.state.model.defaults)
+    if grammar := tool_grammar(tokenizer, body):
+        work = replace(work, grammar=grammar)
+    tool_text = ToolCallText(tokenizer, tools) if tools else None
+    logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
+    return await answer(request, work, lambda request_id, created: ChatReply(
+        request_id, created, body.model, body.include_usage(), tool_text, logprob_text))

@@ -2,7 +2,10 @@
 
 `make_tiny_model(arch, out_dir)` writes a complete model directory (config,
 two safetensors shards plus index, a real byte-level BPE tokenizer with a
-ChatML chat template) that `mlx_lm.load` accepts in strict mode.
+ChatML chat template) that `mlx_lm.load` accepts in strict mode. `arch` is one of
+ARCHITECTURES (hand-tuned configs, 6 layers) or any other mlx-lm model type the
+shared tiny configs build (models/data/tiny-arch-configs.json: hidden 64, 4 layers),
+optionally quantized with mlx-lm.
 
 Also runnable as a script:
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, quantize_model
 
 ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
 
@@ -41,6 +45,9 @@ EOS_TOKEN_ID = SPECIAL_TOKENS.index(EOS_TOKEN)
 PAD_TOKEN = "<|endoftext|>"
 
 ENGLISH_TEXT = Path(__file__).parent / "data" / "english.txt"
+# Configs that build every mlx-lm 0.32.2 model type: `base` merged with `overrides[type]`.
+SHARED_CONFIGS = Path(__file__).parent / "data" / "tiny-arch-configs.json"
+SHARED_LAYERS = 4  # their per-layer patterns (layer_types, ...) are for 4 layers
 
 # Same split regex as transformers' Qwen2Tokenizer (see tokenizer_json).
 PRETOKENIZE_REGEX = (
@@ -63,9 +70,6 @@ EMBED_STD = 1.0
 LINEAR_GAIN = 2.0
 BIAS_STD = 0.1
 NORM_JITTER = 0.1
-
-# mlx-lm module implementing each model_type (mlx-lm maps mistral to llama).
-_MODULES = {arch: arch for arch in ARCHITECTURES} | {"mistral": "llama"}
 
 _COMMON_CONFIG = {
     "hidden_size": HIDDEN_SIZE,
@@ -128,11 +132,39 @@ _ARCH_CONFIG: dict[str, dict] = {
 }
 
 
+@lru_cache(maxsize=1)
+def _shared_configs() -> dict:
+    return json.loads(SHARED_CONFIGS.read_text())
+
+
+def shared_types() -> list[str]:
+    """The mlx-lm model types the shared configs name an override for, and the rest of
+    mlx-lm's types, which build from `base` alone (the caller sees which do)."""
+    return sorted(_shared_configs()["overrides"])
+
+
+def shared_config(model_type: str) -> dict:
+    """The shared tiny config of `model_type` (vocabulary of 128)."""
+    configs = _shared_configs()
+    return {**configs["base"], **configs["overrides"].get(model_type, {}), "model_type": model_type}
+
+
+def _with_vocab(config: dict) -> dict:
+    """`config` sized for the real tokenizer, nested text configs too."""
+    sized = config | {"vocab_size": VOCAB_SIZE} | ({"num_vocab": VOCAB_SIZE} if "num_vocab" in config else {})
+    if isinstance(config.get("text_config"), dict):
+        sized["text_config"] = config["text_config"] | {"vocab_size": VOCAB_SIZE}
+    return sized
+
+
 def model_config(arch: str, num_layers: int = 6, dtype: str = "float32", **sizes: int) -> dict:
     """The config.json contents for `arch`; `sizes` override the tiny defaults
     (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim, vocab_size)."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+        if num_layers != SHARED_LAYERS:
+            raise ValueError(f"{arch} comes from the shared tiny configs, which have {SHARED_LAYERS} layers")
+        tokens = {k: _COMMON_CONFIG[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return _with_vocab(shared_config(arch)) | tokens | sizes | {"torch_dtype": dtype}
     config = {"model_type": arch, **_COMMON_CONFIG, **_ARCH_CONFIG[arch], **sizes}
     config["num_hidden_layers"] = num_layers
     config["torch_dtype"] = dtype
@@ -141,8 +173,8 @@ def model_config(arch: str, num_layers: int = 6, dtype: str = "float32", **sizes
 
 def _build_model(config: dict) -> nn.Module:
     """Instantiate the mlx-lm Model class so parameter names and shapes match it."""
-    module = importlib.import_module(f"mlx_lm.models.{_MODULES[config['model_type']]}")
-    model = module.Model(module.ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
     if config["model_type"] == "gemma3_text":
         # Same effect as its sanitize() when lm_head.weight is absent.
         model.tie_word_embeddings = True
@@ -168,11 +200,18 @@ def _init_param(arch: str, name: str, shape: tuple[int, ...], seed: int, hidden_
         # Gemma multiplies embeddings by sqrt(hidden_size) in the forward pass;
         # a further 0.5 stopped its greedy output settling into a one-token
         # loop within 200 tokens (seen for seed 0 at 1.0).
-        scale = 0.5 * hidden_size**-0.5 if arch == "gemma3_text" else 1.0
+        scale = 0.5 * hidden_size**-0.5 if arch.startswith("gemma") else 1.0
         return scale * EMBED_STD * noise
     if name.endswith(".bias"):
         return BIAS_STD * noise
     return (LINEAR_GAIN / shape[-1] ** 0.5) * noise
+
+
+def _tuned(arch: str, name: str, value: mx.array) -> bool:
+    """Whether `_init_param` sets a parameter: all of the hand-tuned architectures', and
+    the matrices of the others; their other parameters (SSM decay, convolutions, norms
+    of unusual forms) keep the values their mlx-lm module starts them at."""
+    return arch in ARCHITECTURES or (value.ndim >= 2 and "norm" not in name and "conv" not in name)
 
 
 def random_weights(
@@ -180,20 +219,36 @@ def random_weights(
 ) -> dict[str, mx.array]:
     """HF-named random weights for `arch`, sorted by name; `sizes` as for model_config."""
     config = model_config(arch, num_layers, dtype, **sizes)
+    mx.random.seed(seed)  # the initial values modules pick for themselves
     model = _build_model(config)
-    shapes = {name: p.shape for name, p in tree_flatten(model.parameters())}
+    params = dict(tree_flatten(model.parameters()))
     target = getattr(mx, dtype)
-    weights = {n: _init_param(arch, n, shapes[n], seed, config["hidden_size"]).astype(target) for n in sorted(shapes)}
+    hidden = config.get("hidden_size", HIDDEN_SIZE)
+    weights = {
+        n: (_init_param(arch, n, params[n].shape, seed, hidden) if _tuned(arch, n, params[n]) else params[n]).astype(target)
+        for n in sorted(params)
+    }
     mx.eval(weights)
     return weights
 
 
+def quantized(config: dict, weights: dict[str, mx.array], bits: int) -> tuple[dict, dict]:
+    """`weights` and `config` quantized by mlx-lm (groups of 32: the tiny MoE and latent
+    dimensions are 32 wide)."""
+    model = _build_model(config)
+    model.load_weights(list(weights.items()))
+    model, config = quantize_model(model, config, group_size=32, bits=bits)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    return dict(sorted(weights.items())), config
+
+
 def shard_index(name: str, num_layers: int) -> int:
     """Which shard holds `name`: embeddings + first half of layers, then the rest + norm/head."""
-    match = re.match(r"model\.layers\.(\d+)\.", name)
+    match = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", name)
     if match:
         return 0 if int(match[1]) < (num_layers + 1) // 2 else 1
-    return 0 if "embed_tokens" in name else 1
+    return 0 if "embed" in name or "wte" in name else 1
 
 
 def _shard_file(i: int) -> str:
@@ -277,16 +332,21 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def make_tiny_model(
-    arch: str, out_dir: Path, *, num_layers: int = 6, seed: int = 0, dtype: str = "float32", **sizes: int
+    arch: str, out_dir: Path, *, num_layers: int | None = None, seed: int = 0, dtype: str = "float32",
+    bits: int | None = None, **sizes: int,
 ) -> Path:
-    """Write an mlx-lm model directory for `arch` into out_dir and return it; `sizes` as
-    for model_config."""
+    """Write an mlx-lm model directory for `arch` into out_dir and return it; with `bits`,
+    quantized by mlx-lm. `num_layers` defaults to 6 for ARCHITECTURES, 4 for the others;
+    `sizes` override config entries as for model_config."""
+    num_layers = num_layers or (6 if arch in ARCHITECTURES else SHARED_LAYERS)
     if arch == "gemma3_text" and num_layers < _ARCH_CONFIG[arch]["sliding_window_pattern"]:
         raise ValueError("gemma3_text needs num_layers >= sliding_window_pattern (3)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(arch, num_layers, dtype, **sizes)
     weights = random_weights(arch, num_layers=num_layers, seed=seed, dtype=dtype, **sizes)
+    if bits is not None:
+        weights, config = quantized(config, weights, bits)
     _write_json(out_dir / "config.json", config)
     _write_weights(weights, out_dir, num_layers)
     _write_tokenizer(out_dir)

@@ -47,6 +47,8 @@ class SpoolRequest(BaseModel):
     max_tokens: int = Field(ge=1)
     sampling: SamplingParams = SamplingParams()
     stop: list[str] = []  # matched on the text, never emitted
+    grammar: Optional[str] = None  # llguidance grammar the output must follow (a JSON schema's)
+    logprobs: Optional[int] = None  # log-probabilities wanted, with this many top alternatives
     created: int  # Unix time the API accepted it (the response's `created`)
 
 
@@ -81,12 +83,23 @@ class Started(BaseModel):
     type: Literal["started"] = "started"
 
 
+class TokenLogprob(BaseModel):
+    """A drawn token's log-probability, and the most likely tokens' (id, log-probability)
+    at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
 class Delta(BaseModel):
-    """New text, and the token ids it came from (none for held-back text let go at the end)."""
+    """New text, and the token ids it came from (none for held-back text let go at the end),
+    with their log-probabilities when the request asked for them."""
 
     type: Literal["delta"] = "delta"
     text: str
     token_ids: list[int] = []
+    logprobs: Optional[list[TokenLogprob]] = None
 
 
 class Requeued(BaseModel):

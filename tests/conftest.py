@@ -30,7 +30,7 @@ from models.tiny import ARCHITECTURES, make_tiny_model  # noqa: E402
 PYTHON = sys.executable
 # mlx.launch without its busy I/O loop, as launch.sh runs it: the stock one spins a core,
 # which ranks that busy-poll their collectives (tensor parallelism) need on 2 cores.
-MLX_LAUNCH = [PYTHON, str(REPO / "launch_helper.py"), "mlx-launch"]
+MLX_LAUNCH = [PYTHON, "-m", "launcher.mlx_launch"]
 
 # A prompt longer than gemma3's 16-token window and two 16-token prefill chunks.
 PROMPT = (

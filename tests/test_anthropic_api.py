@@ -10,7 +10,7 @@ from typing import Iterator
 import anthropic
 import httpx
 import pytest
-from test_api import KEY, ApiServer, RankProcess, _mlx_lm_greedy, _ring_settings
+from test_api import KEY, ApiServer, _mlx_lm_greedy, ring_and_api
 
 from models.tiny import make_tiny_model
 
@@ -27,14 +27,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(model, spool_dir)
     # Anthropic's current client sends no sampling fields: greedy is the operator's default here.
-    with ApiServer(_ring_settings(model, spool_dir, served_model_name="tiny", default_temperature=0.0)) as server:
-        rank.start()
-        try:
-            yield server
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny", "default_temperature": 0.0}
+                      ) as (server, _):
+        yield server
 
 
 def _client(api: ApiServer, key: str = KEY) -> anthropic.Anthropic:

@@ -336,11 +336,12 @@ def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
 
 
 @contextmanager
-def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1,
+def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1, api_settings: dict | None = None,
                  **settings: str) -> Iterator[tuple[ApiServer, RankProcess]]:
-    """Serving ranks (`settings` are theirs) and the API on one spool, both on `model`."""
+    """Serving ranks (`settings` are theirs) and the API (with `api_settings`) on one
+    spool, both on `model`."""
     rank = RankProcess(model, spool_dir, ranks=ranks, **settings)
-    with ApiServer(_ring_settings(model, spool_dir)) as api:
+    with ApiServer(_ring_settings(model, spool_dir, **(api_settings or {}))) as api:
         rank.start()
         try:
             yield api, rank
@@ -740,7 +741,7 @@ def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None
             assert response.status_code == 400, response.text
             error = _error(response)
             assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
-            assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB holds" in error["message"]
+            assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB is" in error["message"]
         with pytest.raises(openai.BadRequestError) as err:
             api.client().completions.create(model=str(tiny_model), prompt="The harbour", max_tokens=1000)
         assert err.value.code == "kv_cache_exceeded"

@@ -14,7 +14,7 @@ import pytest
 from conftest import reference_tokens
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import load_tokenizer
-from test_api import AUTH, ApiServer, RankProcess, _error, _ring_settings, _spooled_request
+from test_api import AUTH, ApiServer, RankProcess, _error, _ring_settings, _spooled_request, ring_and_api
 
 from models.tiny import make_tiny_model
 from spool.protocol import SamplingParams
@@ -36,14 +36,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, RankProcess]]:
     spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    rank = RankProcess(model, spool_dir)
-    settings = _ring_settings(model, spool_dir, served_model_name=ALIASES, cors_origins=ALLOWED)
-    with ApiServer(settings) as api:
-        rank.start()
-        try:
-            yield api, rank
-        finally:
-            rank.stop()
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": ALIASES, "cors_origins": ALLOWED}) as both:
+        yield both
 
 
 @pytest.fixture
@@ -55,8 +49,9 @@ def _prompt(model: Path) -> list[int]:
     return list(load_tokenizer(model).apply_chat_template(MESSAGES, add_generation_prompt=True))
 
 
-@pytest.mark.parametrize("field", [{"presence_penalty": 0.5, "tools": []}, {"response_format": {"type": "text"}},
-                                   {"logprobs": True}, {"functions": []}, {"stream_options": {"x": 1}}])
+@pytest.mark.parametrize("field", [{"presence_penalty": 0.5, "functions": []}, {"modalities": ["text"]},
+                                   {"prediction": {"type": "content"}}, {"audio": {"voice": "x"}},
+                                   {"stream_options": {"x": 1}}])
 def test_unknown_fields_are_refused_naming_them(api: ApiServer, field: dict) -> None:
     name = next(k for k in field if k != "presence_penalty")
     response = api.post("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, **field})

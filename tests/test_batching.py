@@ -80,14 +80,18 @@ def _heartbeat(api: ApiServer) -> dict:
     return api.spool.read_heartbeat() or {}
 
 
-def _active_bound(model: Path, ranks: int, reserved_per_sequence: int = 256) -> int:
-    """Sequences that fit in KV_BUDGET_MB on the rank holding the most layers: K and V
-    of every layer, float32; each sequence reserves whole 256-token cache allocations."""
+def _per_token(model: Path, ranks: int) -> int:
+    """KV bytes a token takes on the rank holding the most layers: K and V of every
+    layer, float32."""
     config = json.loads((model / "config.json").read_text())
     layers = -(-config["num_hidden_layers"] // ranks)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    per_token = layers * 2 * config["num_key_value_heads"] * head_dim * 4
-    return KV_BUDGET_MB * 2**20 // per_token // reserved_per_sequence
+    return layers * 2 * config["num_key_value_heads"] * head_dim * 4
+
+
+def _active_bound(model: Path, ranks: int, reserved_per_sequence: int = 256) -> int:
+    """Sequences that fit in KV_BUDGET_MB; each reserves whole 256-token cache allocations."""
+    return KV_BUDGET_MB * 2**20 // _per_token(model, ranks) // reserved_per_sequence
 
 
 # Different prompt lengths (1 to 5 prefill chunks) and lengths; each starts while others run.
@@ -219,9 +223,10 @@ def test_burst_of_32_stays_within_the_kv_bound(serving, model: Path) -> None:
         assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == _expected(model, content, max_tokens)
     beat = _heartbeat(api)
     bound = _active_bound(model, ranks)
-    assert beat["kv_capacity_tokens"] // 256 == bound
+    assert beat["kv_capacity_bytes"] == KV_BUDGET_MB * 2**20
+    assert max(r["kv_footprint"]["per_token"] for r in beat["ranks"]) == _per_token(model, ranks)
     assert 2 <= beat["peak_active"] <= bound
-    assert _wait_for(lambda: _heartbeat(api)["active"] == 0 and _heartbeat(api)["kv_reserved_tokens"] == 0)
+    assert _wait_for(lambda: _heartbeat(api)["active"] == 0 and _heartbeat(api)["kv_reserved_bytes"] == 0)
     assert not list((api.settings.spool_dir / "incoming").iterdir())
 
 

@@ -3,7 +3,6 @@ compute the same products, and ranks report the BLAS they use."""
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import pytest
 from conftest import PROMPT, REPO, generate_json, rank_env
 from models.tiny import make_tiny_model
 
-import launch_helper
 from config.blas import find_openblas, use_blas
+from launcher.status import rank_row
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="the BLAS choice is Linux-only")
 
@@ -87,12 +86,11 @@ def test_rank_reports_the_blas_of_the_references(tmp_path):
         assert out["ranks"][0]["blas"].startswith("openblas ")
 
 
-def test_status_shows_each_ranks_blas(tmp_path):
+def test_status_shows_each_ranks_blas():
     ranks = [
         {"rank": 0, "pid": 11, "layers": [0, 3], "memory": 2**30, "host": "a", "blas": "openblas /x.so"},
         {"rank": 1, "pid": 12, "layers": [3, 6], "memory": 2**30, "host": "b", "blas": "reference"},
     ]
-    beat = {"state": "ready", "time": 1.0, "ranks": ranks}
-    (tmp_path / "heartbeat.json").write_text(json.dumps(beat))
-    lines = launch_helper.heartbeat(str(tmp_path))
-    assert lines[-1] == "hb_ranks=('0 11 0-2 1.0GiB a openblas' '1 12 3-5 1.0GiB b reference')"
+    rows = [rank_row(rank, "local", "yes").split() for rank in ranks]
+    assert rows == [["0", "local", "a", "11", "0-2", "1.0GiB", "openblas", "yes"],
+                    ["1", "local", "b", "12", "3-5", "1.0GiB", "reference", "yes"]]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from config.hosts import Host
 from distributed.doorbell import Doorbell, RingBroken, connect, listen, rank_addresses
 
 
@@ -121,14 +120,12 @@ def test_a_stranger_at_the_doorbell_is_refused() -> None:
     target.close()
 
 
-def test_rank_addresses_come_from_the_cluster_settings(tmp_path: Path) -> None:
-    assert rank_addresses(2, "", None) == ["127.0.0.1", "127.0.0.1"]
-    assert rank_addresses(3, "10.0.0.1,10.0.0.2,mac3.local", None) == ["10.0.0.1", "10.0.0.2", "mac3.local"]
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([{"ssh": "mac1", "ips": ["192.168.2.1"]}, {"ssh": "mac2", "ips": []}]))
-    assert rank_addresses(2, "", hostfile) == ["192.168.2.1", "mac2"]
+def test_rank_addresses_come_from_the_cluster_hosts() -> None:
+    assert rank_addresses(2, []) == ["127.0.0.1", "127.0.0.1"]
+    hosts = [Host("10.0.0.1"), Host("me@10.0.0.2"), Host("mac3", ("192.168.2.3",))]
+    assert rank_addresses(3, hosts) == ["10.0.0.1", "10.0.0.2", "192.168.2.3"]
     with pytest.raises(ValueError, match="2 hosts for a ring of 3"):
-        rank_addresses(3, "10.0.0.1,10.0.0.2", None)
+        rank_addresses(3, hosts[:2])
 
 
 def test_an_idle_rank_learns_at_a_check_that_its_neighbour_is_gone() -> None:

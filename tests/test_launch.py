@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import psutil
 import pytest
+from mlx._distributed_utils.common import Host as MlxHost
+from mlx._distributed_utils.common import Hostfile
 
 from config import REPO_DIR, Settings
 from config.blas import find_openblas
@@ -37,13 +40,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports: mlx.launch gives rank r RING_PORT + r."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether pid runs (a zombie waiting for its parent does not count)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Launcher:
@@ -81,13 +97,17 @@ class Launcher:
         except (OSError, ValueError):
             return {}
 
+    def recorded_pid(self, name: str) -> int | None:
+        """The pid in RUN_DIR's pid file of the launcher or the API; None without one."""
+        path = self.root / "run" / f"{name}.pid"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        return record["launcher" if name == "launcher" else "process"]["pid"]
+
     def note_pids(self) -> None:
         """Remember the launcher's, the ranks' and the API's pids (all on this kernel)."""
-        run = self.root / "run"
-        if (run / "launcher.pid").exists():
-            self.pids.add(int((run / "launcher.pid").read_text().split()[0]))
-        if (run / "api.pid").exists():
-            self.pids.add(int((run / "api.pid").read_text().split()[1]))
+        self.pids.update(pid for pid in (self.recorded_pid("launcher"), self.recorded_pid("api")) if pid)
         self.pids.update(r["pid"] for r in self.heartbeat().get("ranks", []))
 
     def chat(self, url: str, timeout: float = 120) -> httpx.Response:
@@ -131,7 +151,7 @@ def chat_works(launcher: Launcher, url: str) -> None:
 
 def restart_with_queued_request(launcher: Launcher, url: str) -> None:
     """`restart`; once rank 0 has stopped, a request goes in; the new ring answers it."""
-    api_pid = (launcher.root / "run" / "api.pid").read_text().split()[1]
+    api_pid = launcher.recorded_pid("api")
     before = launcher.heartbeat()["time"]
     restart = launcher.popen("restart")
     deadline = time.monotonic() + 120
@@ -152,7 +172,7 @@ def restart_with_queued_request(launcher: Launcher, url: str) -> None:
     assert response.status_code == 200, response.text
     request_id = response.json()["id"].removeprefix("chatcmpl-")
     assert request_id in launcher.rank_log(0), "the restarted rank 0 served the queued request"
-    assert "API already running" in err and (launcher.root / "run" / "api.pid").read_text().split()[1] == api_pid
+    assert "API already running" in err and launcher.recorded_pid("api") == api_pid
 
 
 def stop_leaves_nothing(launcher: Launcher) -> None:
@@ -181,7 +201,7 @@ def test_config_prints_settings_with_env_over_file(tmp_path: Path) -> None:
     env = config_env(tmp_path, "API_PORT=1111\nRANKS=2\nHOSTS=\n", RANKS="3", API_KEY="it's $HOME")
     proc = subprocess.run([sys.executable, "-m", "config"], env=env, cwd=REPO_DIR, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    # Exactly what launch.sh does with it: eval, then read the variables.
+    # What a script does with it: eval, then read the variables.
     shell = subprocess.run(["bash", "-c", 'eval "$1"; echo "$API_PORT $RANKS [$HOSTS] $REMOTE_DIR $API_KEY"',
                             "-", proc.stdout], capture_output=True, text=True)
     assert shell.stdout.strip() == f"1111 3 [] {REPO_DIR} it's $HOME"
@@ -248,6 +268,9 @@ def test_local_mpi_start_status_restart_stop(local_mpi: Launcher) -> None:
     assert [r[4] for r in rows] == ["0-1", "2-3", "4-5"], "layer ranges"
     blas = "accelerate" if sys.platform != "linux" else "openblas" if find_openblas() else "reference"
     assert [r[6] for r in rows] == [blas] * 3, status.stdout
+    # 4 attention heads do not divide among 3 ranks: PARALLEL=auto runs the pipeline.
+    assert [r[7] for r in rows] == ["whole"] * 3, status.stdout
+    assert "parallel: pipeline (PARALLEL=auto: the model cannot be split by tensor" in status.stdout
     assert "/health 200" in status.stdout
     restart_with_queued_request(local_mpi, url)
     logs = local_mpi.run("logs", "-n", "5", timeout=60)
@@ -266,6 +289,57 @@ def test_rank_failure_during_start_stops_everything(local_mpi: Launcher) -> None
     assert not (local_mpi.root / "run" / "launcher.pid").exists()
     assert not (local_mpi.root / "run" / "api.pid").exists()
     assert not {pid for pid in local_mpi.pids if pid_alive(pid)}
+
+
+# ---------------------------------------------------------------------------
+# A hostfile as mlx.distributed_config writes it; pid files naming another process
+# ---------------------------------------------------------------------------
+
+
+def test_start_from_an_mlx_distributed_config_hostfile(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """HOSTFILE in the object shape of `mlx.distributed_config` (written by mlx's own class,
+    here for jaccl over Thunderbolt, with RDMA devices and envs) on the ring backend, since
+    jaccl needs RDMA hardware: the launcher and the ranks read the same hosts from it."""
+    hosts = [MlxHost(0, "127.0.0.1", ["127.0.0.1"], [None, "rdma_en2"]),
+             MlxHost(1, "127.0.0.1", ["127.0.0.1"], ["rdma_en2", None])]
+    hostfile = tmp_path / "hostfile.json"
+    hostfile.write_text(json.dumps(Hostfile(hosts, "jaccl", ["MLX_METAL_FAST_SYNCH=1"]).to_json(), indent=4))
+    launcher = Launcher(tmp_path, tiny_models["llama"], {
+        "HOSTFILE": str(hostfile), "BACKEND": "ring", "RING_PORT": str(free_ports(2)),
+    })
+    try:
+        url = start(launcher)
+        assert [r["rank"] for r in launcher.heartbeat()["ranks"]] == [0, 1]
+        chat_works(launcher, url)
+        stop_leaves_nothing(launcher)
+    finally:
+        launcher.cleanup()
+
+
+def test_pid_files_naming_a_recycled_pid_are_not_ours(tmp_path: Path) -> None:
+    """The pid files name a live process whose create time is not the recorded one: its
+    pid was given to another process. status does not take it for ours; stop forgets the
+    files and never signals it."""
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        then = {"pid": stranger.pid, "create_time": psutil.Process(stranger.pid).create_time() - 60}
+        here = {"ssh": None, "root": str(REPO_DIR)}
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "launcher.pid").write_text(json.dumps(
+            {"launcher": then, "since": 0, "ranks": [{"machine": here, "process": then, "rank": 0}]}))
+        (run / "api.pid").write_text(json.dumps({"machine": here, "process": then, "key": ""}))
+        launcher = Launcher(tmp_path, tmp_path / "no-model", {})
+        status = launcher.run("status", timeout=60)
+        assert status.returncode == 1
+        assert "ring: not running" in status.stdout and "api: not running" in status.stdout, status.stdout
+        check_ok(launcher.run("stop", timeout=60), "stop")
+        time.sleep(0.5)  # a signal, had one been sent, has arrived
+        assert stranger.poll() is None, "the stranger was signalled"
+        assert not (run / "launcher.pid").exists() and not (run / "api.pid").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +495,7 @@ def test_three_hosts_over_ssh_start_restart_stop(ring_on_hosts: Launcher, hosts:
     url = start(ring_on_hosts)
     # The API runs on rank 0's host, next to its spool.
     assert url == f"http://{hosts.ips[0]}:{ring_on_hosts.env['API_PORT']}/v1"
-    api_pid = int((ring_on_hosts.root / "run" / "api.pid").read_text().split()[1])
+    api_pid = ring_on_hosts.recorded_pid("api")
     assert api_pid in hosts.pids(hosts.names[0])
     # Each rank in its own namespace, in HOSTS order.
     assert all(r["pid"] in hosts.pids(ns) for r, ns in zip(ring_on_hosts.heartbeat()["ranks"], hosts.names))

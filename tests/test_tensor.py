@@ -8,7 +8,6 @@ process would sum the all-reduced parts in another order, so its bits differ.
 from __future__ import annotations
 
 import json
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from conftest import PROMPT, PYTHON, REPO, generate_json, launch_command, rank_env, run_launch, run_ranks
+from conftest import PROMPT, REPO, generate_json, launch_command, rank_env, run_launch, run_ranks
 
 from test_api import ring_and_api
 from test_batching import _chat, _heartbeat, _text
@@ -150,21 +149,16 @@ def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
         [r["usage"].prompt_tokens - 1 for r in replies]
 
 
-def test_status_shows_the_mode_and_each_ranks_shard(tmp_path):
-    """What ./launch.sh status prints comes from launch_helper.py's reading of the heartbeat."""
-    from spool import Spool
+def test_status_shows_the_mode_and_each_ranks_shard():
+    """The lines ./launch.sh status prints from the heartbeat's records."""
+    from launcher.status import parallel_line, rank_row
 
     parallel = {"mode": "tensor", "requested": "auto", "reason": "estimated 1.0 ms a token split by tensor, "
                 "2.0 ms by pipeline", "all_reduce_us": 15.0, "bandwidth_mb_s": 3000.0}
-    ranks = [{"rank": r, "pid": 100 + r, "layers": [0, 6], "shard": [r, 2], "memory": 2**30, "host": "h",
-              "blas": "openblas /lib"} for r in range(2)]
-    Spool(tmp_path).write_heartbeat({"state": "ready", "parallel": parallel, "ranks": ranks})
-    proc = subprocess.run([PYTHON, str(REPO / "launch_helper.py"), "heartbeat", str(tmp_path)], capture_output=True,
-                          text=True, check=True)
-    shell = subprocess.run(["bash", "-c", 'eval "$1"; echo "$hb_mode|$hb_parallel"; printf "%s\\n" "${hb_ranks[@]}"',
-                            "-", proc.stdout], capture_output=True, text=True, check=True)
-    mode, rows = shell.stdout.split("\n", 1)
-    assert mode == ("tensor|tensor (PARALLEL=auto: estimated 1.0 ms a token split by tensor, 2.0 ms by pipeline; "
-                    "all-reduce 15.0 us, 3000.0 MB/s)")
-    assert rows.split() == ["0", "100", "0-5", "1.0GiB", "h", "openblas", "1/2",
-                            "1", "101", "0-5", "1.0GiB", "h", "openblas", "2/2"]
+    assert parallel_line(parallel) == ("parallel: tensor (PARALLEL=auto: estimated 1.0 ms a token split by tensor, "
+                                       "2.0 ms by pipeline; all-reduce 15.0 us, 3000.0 MB/s)")
+    rows = [rank_row({"rank": r, "pid": 100 + r, "layers": [0, 6], "shard": [r, 2], "memory": 2**30, "host": "h",
+                      "blas": "openblas /lib"}, "local", "yes").split() for r in range(2)]
+    assert rows == [["0", "local", "h", "100", "0-5", "1.0GiB", "openblas", "1/2", "yes"],
+                    ["1", "local", "h", "101", "0-5", "1.0GiB", "openblas", "2/2", "yes"]]
+    assert rank_row({"rank": 0, "layers": [0, 3]}, "local", "yes").split()[7] == "whole"

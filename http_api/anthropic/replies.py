@@ -33,7 +33,7 @@ class MessageReply:
     def __init__(self, request_id: str, model: str, prompt_tokens: int) -> None:
         self.id, self.model, self.prompt_tokens = f"msg_{request_id}", model, prompt_tokens
 
-    def whole(self, text: str, final: Final) -> MessageResponse:
+    def whole(self, text: str, final: Final, logprobs: None = None) -> MessageResponse:
         return MessageResponse(id=self.id, model=self.model, content=[TextContent(text=text)],
                                stop_reason=_stop_reason(final), stop_sequence=final.stop_sequence,
                                usage=_usage(final))
@@ -45,7 +45,7 @@ class MessageReply:
                 event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
                 self.keepalive]
 
-    def delta(self, text: str) -> list[str]:
+    def delta(self, text: str, logprobs: None = None) -> list[str]:
         return [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})]
 
     def closing(self, final: Final) -> list[str]:

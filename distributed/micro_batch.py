@@ -1,0 +1,31 @@
+"""Rank 0's records of the micro-batches it steps around the ring, and of the steps in flight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from distributed.transport import StepWork
+
+
+@dataclass
+class MicroBatch:
+    """Sequences rank 0 steps together: prompt chunks, then one token each per step.
+    `batch` is its id in every rank's batch table."""
+
+    batch: int
+    members: list[int]
+    decoding: bool = False
+    work: Optional[StepWork] = None  # its next decode step, built ahead
+
+
+@dataclass
+class Flight:
+    """A launched step whose tokens (or acknowledgement) are on their way back."""
+
+    batch: int
+    members: list[int]
+    results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
+    sample: bool

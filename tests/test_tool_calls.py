@@ -1,0 +1,118 @@
+"""Tool calling through the official `openai` client against real ranks, on a tiny model
+whose chat template supports tools (mlx-lm reads its calls with its json_tools parser):
+a forced call round trip, streamed calls, `tool_choice` none and auto, and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import jsonschema
+import openai
+import pytest
+from test_api import ApiServer, _ring_settings, ring_and_api
+
+from models.tiny import make_tiny_model
+
+# ChatML with Qwen's tool conventions: tools listed in the system turn, calls written as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, results as tool turns.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call these tools:\n"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
+    'Answer a call as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call><|im_end|>\n{%- endif %}'
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for tool_call in message.tool_calls %}{%- set tool_call = tool_call.function %}<tool_call>\n"
+    '{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}'
+    "\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}},
+]
+MESSAGES = [{"role": "user", "content": "What will the weather be in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_tiny_model("qwen2", tmp_path_factory.mktemp("model") / "qwen2")
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"chat_template": TOOLS_TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+        yield server
+
+
+def _client(api: ApiServer) -> openai.OpenAI:
+    return api.client(timeout=120)
+
+
+def test_a_forced_call_round_trip(api: ApiServer) -> None:
+    client = _client(api)
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=1.0, seed=3,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    # The call and its result go back into the conversation; the model answers in text.
+    history = MESSAGES + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none",
+                                            max_tokens=12, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content
+
+
+def test_required_calls_stream_as_tool_call_chunks(api: ApiServer) -> None:
+    chunks = list(_client(api).chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        max_tokens=80, temperature=1.0, seed=4, stream=True))
+    calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name in ("get_weather", "get_time")
+    tool = next(t for t in TOOLS if t["function"]["name"] == calls[0].function.name)
+    jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_leaves_the_choice_to_the_model(api: ApiServer) -> None:
+    """A random model does not call a tool by itself: its text comes back as content."""
+    reply = _client(api).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8,
+                                                 temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
+
+
+def test_tool_refusals(api: ApiServer, tmp_path: Path) -> None:
+    client = _client(api)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert err.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
+                                       tool_choice="required", response_format={"type": "json_object"})
+    assert err.value.body["param"] == "tool_choice"
+    # A model whose template has no tools: refused before anything is queued.
+    plain = make_tiny_model("llama", tmp_path / "llama")
+    with ApiServer(_ring_settings(plain, tmp_path / "spool", served_model_name="plain")) as other:
+        with pytest.raises(openai.BadRequestError) as err:
+            other.client().chat.completions.create(model="plain", messages=MESSAGES, tools=TOOLS, max_tokens=4)
+    assert err.value.body["param"] == "tools" and "no tool calling" in err.value.body["message"]
