@@ -77,6 +77,25 @@ def test_tensor_matches_mlx_lm_shard(tiny_models, arch, ranks, backend):
         assert r["parameter_bytes"] == expected_parameter_bytes(path, r["rank"], ranks)
 
 
+MOE_ARCHS = ("qwen3_moe", "deepseek_v3")  # experts split by mlx-lm's shard(); deepseek's latent attention
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_tiny_model(arch, root / arch) for arch in MOE_ARCHS}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_mixture_of_experts_match_mlx_lm_shard(moe_models, arch):
+    expected = shard_reference(2, "mpi", [moe_models[a] for a in MOE_ARCHS], [{"text": PROMPT, "chat": False}],
+                               MAX_TOKENS)
+    settings = {"MODEL_REPO": str(moe_models[arch]), "PARALLEL": "tensor"} | CHUNKED
+    out = generate_json(2, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)])
+    assert out["token_ids"] == expected[str(moe_models[arch])][0]
+    assert [r["shard"] for r in out["ranks"]] == [[0, 2], [1, 2]]
+
+
 def test_four_ranks_match_mlx_lm_shard(tmp_path):
     # Four key-value heads, one per rank (mlx-lm's shard() splits them too).
     path = make_tiny_model("llama", tmp_path / "llama", num_key_value_heads=4)
