@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.throughput import QUIET_SHARE, measure, merge_runs, summaries  # chooses the BLAS first
+from bench.machine import QUIET_SHARE
+from bench.throughput import measure, merge_runs, summaries
 from bench.bench_model import DEFAULT_DIR, make_bench_model, parameter_count
 from bench.ring import bench_env, free_port, mpi_command, start
 from config.blas import DEBIAN_OPENBLAS

@@ -49,14 +49,15 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 
-# distributed first: it chooses this process's BLAS (config/blas.py) before anything imports MLX.
 from distributed.world import point_mlx_at_mpi
 from config.blas import DEBIAN_OPENBLAS, THREAD_TIMEOUT
 from bench.bench_model import DEFAULT_DIR, make_bench_model, parameter_count
 from bench.ring import (
-    TICKS, bench_env, cpu_ticks, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop,
+    bench_env, descendants, free_port, mpi_command, mpi_ranks, port_free, start, stop,
     wait_healthy,
 )
+from bench.machine import QUIET_SHARE, cpu_mark, others_since, wait_quiet
+from bench.plot import plot
 from bench.stats import p95
 
 # name on the command line -> (label, ranks)
@@ -76,8 +77,6 @@ SUBJECTS = (
 
 WARMUP_TOKENS = 4
 # Before each system: wait for the rest of the machine to use at most this share of the CPUs.
-QUIET_SHARE = 0.1
-QUIET_WINDOW = 3.0
 # A batch during which other processes took more than this share is repeated, up to REPEATS times.
 BUSY_SHARE = 0.1
 REPEATS = 3
@@ -138,47 +137,6 @@ def openblas_loaded(pid: int) -> bool:
         return "libopenblas" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
-
-
-def busy_ticks() -> int:
-    """Clock ticks all CPUs have spent busy since boot (/proc/stat, guest time is in user)."""
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
-def process_ticks(pids: list[int]) -> int:
-    """Clock ticks `pids` have spent on the CPU (those still running)."""
-    total = 0
-    for pid in pids:
-        try:
-            total += cpu_ticks(pid)
-        except OSError:
-            pass
-    return total
-
-
-def wait_quiet(seconds: float, limit: float = QUIET_SHARE) -> float:
-    """Wait up to `seconds` until the machine is at most `limit` busy over QUIET_WINDOW seconds
-    (nothing of ours runs then); the last share seen."""
-    deadline = time.time() + seconds
-    while True:
-        busy = busy_ticks()
-        time.sleep(QUIET_WINDOW)
-        share = (busy_ticks() - busy) / (QUIET_WINDOW * TICKS * os.cpu_count())
-        if share <= limit or time.time() >= deadline:
-            return share
-
-
-def cpu_mark(pids: list[int]) -> tuple[float, int, int]:
-    """Now, the machine's busy ticks and those of `pids`: the start of an others_since."""
-    return time.perf_counter(), busy_ticks(), process_ticks(pids)
-
-
-def others_since(mark: tuple[float, int, int], pids: list[int]) -> float:
-    """The share of all CPUs that processes other than `pids` used since `mark`."""
-    seconds = time.perf_counter() - mark[0]
-    others = (busy_ticks() - mark[1]) - (process_ticks(pids) - mark[2])
-    return max(others, 0) / (seconds * TICKS * os.cpu_count())
 
 
 def shutdown(procs: list[subprocess.Popen], port: int) -> None:
@@ -362,30 +320,6 @@ def target_lines(results: dict[str, dict[int, dict]], by_pass: list[dict[str, di
     return lines
 
 
-def plot(results: dict[str, dict[int, dict]], streams: list[int], title: str, path: Path) -> None:
-    """Grouped bars of aggregate tok/s: one group per stream count, one bar per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (system, by_streams) in enumerate(results.items()):
-        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(streams))]
-        label, ranks = SYSTEMS[system]
-        bars = ax.bar(xs, [by_streams[n]["tok_s"] for n in streams], width,
-                      label=f"{label} ({ranks} rank{'s' if ranks > 1 else ''})")
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(range(len(streams)), [f"{n} stream{'s' if n > 1 else ''}" for n in streams])
-    ax.set_ylabel("aggregate tok/s")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="batches per stream count and pass (all kept)")
@@ -452,7 +386,8 @@ def main() -> None:
     print("\n".join(notes))
     (args.out / "throughput.md").write_text(
         f"# Throughput\n\n{'; '.join(setup)}\n\n{markdown}\n\n" + "".join(f"- {n}\n" for n in notes))
-    plot(results, args.streams, "\n".join(setup), args.out / "throughput.png")
+    labels = {key: f"{label} ({n} rank{'s' if n > 1 else ''})" for key, (label, n) in SYSTEMS.items()}
+    plot(results, labels, args.streams, "\n".join(setup), args.out / "throughput.png")
     (args.out / "throughput.json").write_text(json.dumps({
         "model": args.model, "parameters": params, "blas": args.blas, "bind_to": args.bind_to,
         "tokens": args.tokens, "passes": args.passes, "rounds": args.rounds, "machine": platform.platform(), "cpus": os.cpu_count(),
