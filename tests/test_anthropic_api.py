@@ -12,7 +12,6 @@ import httpx
 import pytest
 from test_api import KEY, ApiServer, _mlx_lm_greedy, ring_and_api
 
-from models.tiny import make_tiny_model
 
 SYSTEM = "Be brief."
 MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
@@ -20,8 +19,8 @@ CHAT = [{"role": "system", "content": SYSTEM}, *MESSAGES]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("model") / "llama")
+def model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,14 @@ import pytest
 from mlx_lm.generate import generate_step
 from test_api import ApiServer, _load, ring_and_api
 
-from models.tiny import make_tiny_model
 
 MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
 TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("model") / "llama")
+def model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
 
 
 @pytest.fixture(scope="module")
