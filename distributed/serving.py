@@ -31,6 +31,7 @@ class Claim:
 
     request_id: str
     request: SpoolRequest
+    drawn: list[int] = field(default_factory=list)  # tokens it streamed before a restart
     claimed_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
 
@@ -126,10 +127,9 @@ class Serving:
                 claimed = self.spool.claim()
                 if claimed is None:
                     return
-                self.held = Claim(*claimed)
-            request_id, request = self.held.request_id, self.held.request
-            # A request the last run left unfinished resumes after the tokens it streamed.
-            drawn = self.spool.streamed_tokens(request_id)
+                # A request the last run left unfinished resumes after the tokens it streamed.
+                self.held = Claim(*claimed, drawn=self.spool.streamed_tokens(claimed[0]))
+            request_id, request, drawn = self.held.request_id, self.held.request, self.held.drawn
             prompt = request.prompt_tokens + drawn
             if len(drawn) >= request.max_tokens:
                 self.finish_drawn(self.held, drawn)  # it was down to its final record
