@@ -92,5 +92,5 @@ def test_status_shows_each_ranks_blas():
         {"rank": 1, "pid": 12, "layers": [3, 6], "memory": 2**30, "host": "b", "blas": "reference"},
     ]
     rows = [rank_row(rank, "local", "yes").split() for rank in ranks]
-    assert rows == [["0", "local", "a", "11", "0-2", "1.0GiB", "openblas", "yes"],
-                    ["1", "local", "b", "12", "3-5", "1.0GiB", "reference", "yes"]]
+    assert rows == [["0", "local", "a", "11", "0-2", "1.0GiB", "openblas", "whole", "yes"],
+                    ["1", "local", "b", "12", "3-5", "1.0GiB", "reference", "whole", "yes"]]
