@@ -10,9 +10,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from http_api.grammar import json_grammar
+from http_api.tools import ToolSpec
 from spool.protocol import SamplingParams, Usage
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n: each choice is a sequence of its own on the ring
 
 
 # Requests: a field we do not support is refused (400 naming it), never silently ignored.
@@ -133,19 +135,12 @@ class GenerationRequest(Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     # Accepted because they cannot change the output.
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("logit_bias")
     @classmethod
@@ -166,6 +161,9 @@ class GenerationRequest(Strict):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def choices(self) -> int:
+        return self.n or 1
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -209,17 +207,11 @@ class ChatCompletionRequest(GenerationRequest):
         """The conversation as a chat template takes it."""
         return [m.for_template() for m in self.messages]
 
-    def template_tools(self) -> list[dict] | None:
-        """The tools for the chat template; none when the model must not call one."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
-
-    def named_tool(self) -> str | None:
-        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-
-    def forces_tool_call(self) -> bool:
-        return bool(self.tools) and (self.tool_choice == "required" or self.named_tool() is not None)
+    def tool_spec(self) -> ToolSpec:
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        choice = self.tool_choice if isinstance(self.tool_choice, str) else "auto" if named is None else "required"
+        return ToolSpec([t.model_dump(exclude_none=True) for t in self.tools or []], choice, named,
+                        self.parallel_tool_calls is not False)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

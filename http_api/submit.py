@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable, Literal
 
 import jinja2
@@ -20,8 +22,8 @@ from http_api.events import EventFeed, heartbeat_problem
 from http_api.logprobs import LogprobText
 from http_api.replies import ChatReply, CompletionReply
 from http_api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
-from http_api.streaming import Reply, collect, first_event, stream
-from http_api.tools import ToolCallText, check_tools, tool_grammar
+from http_api.streaming import Reply, collect, first_event, outcome, stream
+from http_api.tools import ToolCallText, ToolSpec, check_tools, tool_grammar
 from spool.protocol import SamplingParams, SpoolRequest
 
 log = logging.getLogger(__name__)
@@ -78,50 +80,96 @@ class Work:
     param: str  # the request field that holds the prompt, named in errors
     grammar: str | None = None  # what the output must follow (structured outputs, tool calls)
     logprobs: int | None = None  # log-probabilities wanted, with this many top alternatives
+    choices: int = 1  # n: copies drawn from the same prompt
 
 
 ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
 
 
+def copy_seed(seed: int, index: int) -> int:
+    """The seed of a request's `index`-th choice: its own seed for the first, so that n=1
+    and the first of n draw alike, and one derived from it for the others, so a seeded
+    request with n > 1 is reproducible."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+async def _prefill_once(request: Request, prompt: list[int], kind: Literal["chat", "completion"]) -> None:
+    """Before the copies of a request with n > 1: a one-token request whose prompt KV rank 0
+    keeps in its prompt cache as it ends, so every copy starts from it instead of computing
+    the prompt again."""
+    state = request.app.state
+    settings: Settings = state.settings
+    primer = SpoolRequest(kind=kind, model=state.model.id, prompt_tokens=prompt, max_tokens=1,
+                          sampling=SamplingParams(temperature=0.0), created=int(time.time()))
+    request_id = await asyncio.to_thread(state.spool.submit, primer)
+    log.info("request %s queued: the shared prefill of %d prompt tokens", request_id, len(prompt))
+    feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
+                     settings.ring_down_after)
+    await outcome(feed)
+
+
 async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
-    """Queue checked work and answer it, streaming or not."""
+    """Queue checked work (one spool request per choice) and answer it, streaming or not."""
     state = request.app.state
     settings: Settings = state.settings
     if not work.prompt:
         raise APIError(400, "the prompt is empty", param=work.param)
     budget = max_tokens(work.requested_max_tokens, len(work.prompt), settings, work.param)
     check_vocabulary(work.sampling, state.model.vocab_size)
-    problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
+    beat = state.spool.read_heartbeat()
+    problem = heartbeat_problem(beat, settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
     sampling = work.sampling
     if sampling.seed is None and sampling.temperature > 0:
         # Kept in the spool, so a request resumed after a ring restart draws as it would have.
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
-    queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
-                          created=int(time.time()))
-    # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
-    request_id = await asyncio.to_thread(state.spool.submit, queued)
-    log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
-             len(work.prompt), budget, work.stream)
-    feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
-                     settings.ring_down_after)
-    reply = reply_for(request_id, queued.created)
+    if work.choices > 1 and beat.get("prompt_cache_tokens") is not None:
+        await _prefill_once(request, work.prompt, work.kind)
+    created = int(time.time())
+    queued = [SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
+                           sampling=sampling if sampling.seed is None else sampling.model_copy(
+                               update={"seed": copy_seed(sampling.seed, index)}),
+                           stop=work.stop, grammar=work.grammar, logprobs=work.logprobs, created=created)
+              for index in range(work.choices)]
+    # The submits fsync: off the event loop, so other requests' tokens keep flowing meanwhile.
+    request_ids = await asyncio.to_thread(lambda: [state.spool.submit(one) for one in queued])
+    log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s%s", request_ids[0], work.kind,
+             len(work.prompt), budget, work.stream,
+             f", {work.choices} choices ({', '.join(request_ids[1:])} too)" if work.choices > 1 else "")
+    feeds = [EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
+                       settings.ring_down_after) for request_id in request_ids]
+    reply = reply_for(request_ids[0], created)
     if not work.stream:
-        return await collect(feed, reply)
-    events = feed.events()
-    first = await first_event(feed, events)
+        return await collect(feeds, reply)
+    starts = []
+    try:
+        for feed in feeds:
+            events = feed.events()
+            starts.append((await first_event(feed, events), events))
+    except BaseException:
+        for feed in feeds:
+            feed.close("client gone, timed out or refused before any output")
+        raise
     # The background task also covers a client gone before the stream even started.
-    return StreamingResponse(stream(feed, events, first, reply), media_type="text/event-stream",
+    return StreamingResponse(stream(feeds, starts, reply), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(feed.close, "client disconnected mid-stream"))
+                             background=BackgroundTask(_close_all, feeds))
+
+
+def _close_all(feeds: list[EventFeed]) -> None:
+    for feed in feeds:
+        feed.close("client disconnected mid-stream")
 
 
 def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingParams) -> Work:
     chat = isinstance(body, ChatCompletionRequest)
     return Work("chat" if chat else "completion", prompt, body.requested_max_tokens(), body.sampling(defaults),
-                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar(), body.wanted_logprobs())
+                body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar(), body.wanted_logprobs(),
+                body.choices())
 
 
 async def complete(request: Request, body: CompletionRequest) -> Any:
@@ -130,18 +178,38 @@ async def complete(request: Request, body: CompletionRequest) -> Any:
     work = openai_work(body, served.tokenizer.encode(body.prompt), served.defaults)
     logprob_text = LogprobText(served.tokenizer) if work.logprobs is not None else None
     return await answer(request, work, lambda request_id, created: CompletionReply(
-        request_id, created, body.model, body.include_usage(), logprob_text))
+        request_id, created, body.model, work.choices, body.include_usage(), logprob_text))
+
+
+@dataclass(frozen=True)
+class ToolPrompt:
+    """A conversation with tools, ready for the ring."""
+
+    tokens: list[int]
+    grammar: str | None  # a forced call's
+    tool_text: Callable[[], ToolCallText] | None  # a parser of the calls in one choice's output
+
+
+def tool_prompt(tokenizer: Any, messages: list[dict], spec: ToolSpec) -> ToolPrompt:
+    """The conversation through the chat template with the tools, whichever API asked."""
+    check_tools(tokenizer, spec)
+    tools = spec.template_tools()
+    tokens = chat_tokens(tokenizer, messages, tools)
+    return ToolPrompt(tokens, tool_grammar(tokenizer, spec),
+                      partial(ToolCallText, tokenizer, tools) if tools else None)
 
 
 async def chat(request: Request, body: ChatCompletionRequest) -> Any:
     """Answer an OpenAI chat completion, tool calls included."""
     tokenizer = request.app.state.model.tokenizer
-    check_tools(tokenizer, body)
-    tools = body.template_tools()
-    work = openai_work(body, chat_tokens(tokenizer, body.chat(), tools), request.app.state.model.defaults)
-    if grammar := tool_grammar(tokenizer, body):
-        work = replace(work, grammar=grammar)
-    tool_text = ToolCallText(tokenizer, tools) if tools else None
+    spec = body.tool_spec()
+    if spec.forced and body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "tool_choice 'required' or a named function cannot go with response_format",
+                       param="tool_choice")
+    prompt = tool_prompt(tokenizer, body.chat(), spec)
+    work = openai_work(body, prompt.tokens, request.app.state.model.defaults)
+    if prompt.grammar is not None:
+        work = replace(work, grammar=prompt.grammar)
     logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
     return await answer(request, work, lambda request_id, created: ChatReply(
-        request_id, created, body.model, body.include_usage(), tool_text, logprob_text))
+        request_id, created, body.model, work.choices, body.include_usage(), prompt.tool_text, logprob_text))

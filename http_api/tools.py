@@ -1,52 +1,73 @@
-"""Tool calling for chat completions: the tools go into the model's chat template, tool
-calls are parsed out of its output with mlx-lm's parser for that template, and
-`tool_choice` "required" or a named function is enforced with a grammar."""
+"""Tool calling, for OpenAI's chat completions and Anthropic's messages alike: the tools go
+into the model's chat template, tool calls are parsed out of its output with mlx-lm's
+parser for that template, and a forced call (OpenAI's "required" or a named function,
+Anthropic's "any" or "tool") is enforced with a grammar."""
 
 from __future__ import annotations
 
 import json
-import secrets
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from llguidance import LLMatcher
 
 from http_api.errors import APIError
-from http_api.schemas import ChatCompletionRequest, FunctionCall, ToolCall
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A request's tools in the template's (OpenAI's function) shape, and what it asks of them."""
+
+    tools: list[dict]  # {"type": "function", "function": {"name", "description", "parameters"}}
+    choice: Literal["auto", "none", "required"]  # "required": some tool must be called
+    named: str | None = None  # the one tool that must be called
+    parallel: bool = True  # more than one call allowed (enforced when a call is forced)
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.tools) and (self.choice == "required" or self.named is not None)
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools for the chat template; none when the model must not call one."""
+        return self.tools if self.tools and self.choice != "none" else None
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    """A tool call the model wrote; each API gives it its own id and shape."""
+
+    name: str
+    arguments: Any  # what the model wrote as the call's arguments, parsed when it is JSON
 
 
 def _parser_module(tokenizer: Any) -> str:
     return getattr(tokenizer.tool_parser, "__module__", "")
 
 
-def check_tools(tokenizer: Any, body: ChatCompletionRequest) -> None:
-    if body.tools and body.tool_choice != "none" and not tokenizer.has_tool_calling:
+def check_tools(tokenizer: Any, spec: ToolSpec) -> None:
+    if spec.tools and spec.choice != "none" and not tokenizer.has_tool_calling:
         raise APIError(400, "this model's chat template has no tool calling; send no tools", param="tools")
-    named = body.named_tool()
-    if named is not None and named not in {t.function.name for t in body.tools or []}:
-        raise APIError(400, f"tool_choice names '{named}', which is not among the tools", param="tool_choice")
-    if body.forces_tool_call() and body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, "tool_choice 'required' or a named function cannot go with response_format",
-                       param="tool_choice")
+    if spec.named is not None and spec.named not in {t["function"]["name"] for t in spec.tools}:
+        raise APIError(400, f"tool_choice names '{spec.named}', which is not among the tools", param="tool_choice")
 
 
-def tool_grammar(tokenizer: Any, body: ChatCompletionRequest) -> str | None:
-    """For tool_choice "required" or a named function: the grammar of the calls the
-    model's template writes (mlx-lm's json_tools format: <tool_call>{json}</tool_call>)."""
-    if not body.forces_tool_call():
+def tool_grammar(tokenizer: Any, spec: ToolSpec) -> str | None:
+    """For a forced call: the grammar of the calls the model's template writes (mlx-lm's
+    json_tools format: <tool_call>{json}</tool_call>)."""
+    if not spec.forced:
         return None
     if not _parser_module(tokenizer).endswith(".json_tools"):
-        raise APIError(400, "this model's tool call format cannot be enforced; use tool_choice 'auto'",
+        raise APIError(400, "this model's tool call format cannot be enforced; let the model choose",
                        param="tool_choice")
-    named = body.named_tool()
-    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                               "arguments": t.function.parameters or {"type": "object"}},
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "arguments": t["function"].get("parameters") or {"type": "object"}},
               "required": ["name", "arguments"], "additionalProperties": False}
-             for t in body.tools if named is None or t.function.name == named]
+             for t in spec.tools if spec.named is None or t["function"]["name"] == spec.named]
     # Compact JSON, as for response_format: a weak model may pad flexible whitespace forever.
     schema = json.dumps((calls[0] if len(calls) == 1 else {"anyOf": calls})
                         | {"x-guidance": {"whitespace_flexible": False}})
-    # A named function is called once; "required" allows several unless parallel_tool_calls is false.
-    more = ' ("\\n" call)*' if named is None and body.parallel_tool_calls is not False else ""
+    # A named tool is called once; otherwise several calls unless parallel calls are off.
+    more = ' ("\\n" call)*' if spec.named is None and spec.parallel else ""
     lark = (f'start: call{more}\ncall: "{tokenizer.tool_call_start}\\n" body "\\n{tokenizer.tool_call_end}"\n'
             f"body: %json {schema}\n")
     grammar = LLMatcher.grammar_from_lark(lark)
@@ -66,7 +87,7 @@ class ToolCallText:
         self.pending = ""
         self.calls = 0
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         """Content that is safe to send now, and the calls completed by `text`."""
         self.pending += text
         content, calls = "", []
@@ -93,12 +114,11 @@ class ToolCallText:
         rest, self.pending = self.pending, ""
         return rest
 
-    def _call(self, text: str) -> ToolCall:
+    def _call(self, text: str) -> ParsedCall:
         try:
             parsed = self.parse(text, self.tools)
+            call = ParsedCall(parsed["name"], parsed.get("arguments", {}))
         except (ValueError, KeyError, TypeError) as err:
             raise APIError(500, f"the model wrote a tool call that cannot be parsed: {err}", code="bad_tool_call")
         self.calls += 1
-        arguments = parsed.get("arguments", {})
-        return ToolCall(id=f"call_{secrets.token_hex(12)}", function=FunctionCall(
-            name=parsed["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)))
+        return call

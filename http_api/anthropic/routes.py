@@ -11,7 +11,7 @@ from http_api.anthropic.replies import MessageReply
 from http_api.anthropic.schemas import CountTokensRequest, MessageResponse, MessagesRequest, TokenCount
 from http_api.errors import ERROR_RESPONSES
 from http_api.served_model import ServedModel
-from http_api.submit import Work, answer, chat_tokens
+from http_api.submit import Work, answer, tool_prompt
 
 router = APIRouter()
 
@@ -21,15 +21,17 @@ router = APIRouter()
 async def messages(body: MessagesRequest, request: Request) -> Any:
     served: ServedModel = request.app.state.model
     served.check_name(body.model)
-    prompt = chat_tokens(served.tokenizer, body.chat())
+    prompt = tool_prompt(served.tokenizer, body.chat(), body.tool_spec())
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
     sampling = served.defaults.model_copy(update={k: v for k, v in given.items() if v is not None})
-    work = Work("chat", prompt, body.max_tokens, sampling, body.stop_sequences or [], body.stream, "messages")
-    return await answer(request, work, lambda request_id, created: MessageReply(request_id, body.model, len(prompt)))
+    work = Work("chat", prompt.tokens, body.max_tokens, sampling, body.stop_sequences or [], body.stream, "messages",
+                prompt.grammar)
+    return await answer(request, work, lambda request_id, created: MessageReply(
+        request_id, body.model, len(prompt.tokens), prompt.tool_text))
 
 
 @router.post("/v1/messages/count_tokens", response_model=TokenCount, responses=ERROR_RESPONSES)
 async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount:
     served: ServedModel = request.app.state.model
     served.check_name(body.model)
-    return TokenCount(input_tokens=len(chat_tokens(served.tokenizer, body.chat())))
+    return TokenCount(input_tokens=len(tool_prompt(served.tokenizer, body.chat(), body.tool_spec()).tokens))
