@@ -77,7 +77,7 @@ class ChatReply(OpenAIReply):
             return [sse(self._chunk(index, ChunkDelta(content=text), logprobs=self._logprobs(logprobs)))]
         tool_text = self.tool_texts[index]
         calls_before = tool_text.calls
-        content, calls = tool_text.feed(text)
+        content, calls = tool_text.split(text)
         frames = []
         if content:
             frames.append(sse(self._chunk(index, ChunkDelta(content=content), logprobs=self._logprobs(logprobs))))
@@ -99,7 +99,7 @@ class ChatReply(OpenAIReply):
         calls: list[ToolCall] = []
         content: str | None = outcome.text
         if self.tool_texts is not None:
-            content, parsed = self.tool_texts[index].feed(outcome.text)
+            content, parsed = self.tool_texts[index].split(outcome.text)
             content += self.tool_texts[index].finish()
             calls = [tool_call(call) for call in parsed]
             if calls and not content.strip():

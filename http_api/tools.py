@@ -87,27 +87,31 @@ class ToolCallText:
         self.pending = ""
         self.calls = 0
 
-    def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
-        """Content that is safe to send now, and the calls completed by `text`."""
+    def feed(self, text: str) -> list[str | ParsedCall]:
+        """What `text` completes, in order: content that is safe to send now, and calls."""
         self.pending += text
-        content, calls = "", []
+        pieces: list[str | ParsedCall] = []
         while True:
             at = self.pending.find(self.start)
             if at < 0:
                 # Keep what could be the start of a marker.
                 keep = next((n for n in range(min(len(self.pending), len(self.start) - 1), 0, -1)
                              if self.start.startswith(self.pending[-n:])), 0)
-                content += self.pending[:len(self.pending) - keep]
+                pieces.append(self.pending[:len(self.pending) - keep])
                 self.pending = self.pending[len(self.pending) - keep:]
-                return content, calls
+                return [piece for piece in pieces if piece]
+            pieces.append(self.pending[:at])
             close = self.pending.find(self.end, at + len(self.start))
             if close < 0:
-                content += self.pending[:at]
                 self.pending = self.pending[at:]
-                return content, calls
-            content += self.pending[:at]
-            calls.append(self._call(self.pending[at + len(self.start):close]))
+                return [piece for piece in pieces if piece]
+            pieces.append(self._call(self.pending[at + len(self.start):close]))
             self.pending = self.pending[close + len(self.end):]
+
+    def split(self, text: str) -> tuple[str, list[ParsedCall]]:
+        """`feed`, as the content and the calls apart."""
+        pieces = self.feed(text)
+        return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ParsedCall)]
 
     def finish(self) -> str:
         """Text left over at the end (an unfinished call stays text)."""

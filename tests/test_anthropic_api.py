@@ -1,16 +1,22 @@
 """Anthropic's Messages API through the official `anthropic` client, against a real rank 0
 on the tiny model: text replies equal mlx-lm's greedy output, streamed and not, with
-Anthropic's usage, stop reasons, token counts and error envelope."""
+Anthropic's usage, stop reasons, token counts and error envelope; and tool use on a tiny
+model whose template takes tools: forced calls whose input validates, streamed as
+tool_use blocks, and tool results in the history reaching the template."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
 import anthropic
 import httpx
+import jsonschema
 import pytest
-from test_api import KEY, ApiServer, _mlx_lm_greedy, ring_and_api
+from mlx_lm.utils import load_tokenizer
+from test_api import KEY, ApiServer, _mlx_lm_greedy, _spooled_request, ring_and_api
+from test_tool_calls import WEATHER, make_tool_model
 
 
 SYSTEM = "Be brief."
@@ -87,3 +93,109 @@ def test_errors_use_anthropics_envelope(api: ApiServer) -> None:
             _client(api).messages.create(model="tiny", messages=MESSAGES, max_tokens=2, extra_body=extra)
         assert err.value.body["error"]["type"] == "invalid_request_error"
         assert next(iter(extra)) in err.value.body["error"]["message"]
+
+
+# Tool use, on a tiny model whose chat template takes tools.
+
+TOOLS = [{"name": "get_weather", "description": "Weather forecast", "input_schema": WEATHER},
+         {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                               "required": ["zone"], "additionalProperties": False}}]
+ASK = [{"role": "user", "content": "What will the weather be in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tool_model(tmp_path_factory.mktemp("tool-model"))
+
+
+@pytest.fixture(scope="module")
+def tool_api(tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    spool_dir = tmp_path_factory.mktemp("tool-ring") / "spool"
+    with ring_and_api(tool_model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+        yield server
+
+
+def _validate(block, tools: list[dict] = TOOLS) -> None:
+    assert block.type == "tool_use" and block.id.startswith("toolu_"), block
+    tool = next(t for t in tools if t["name"] == block.name)
+    jsonschema.validate(block.input, tool["input_schema"])
+
+
+FORCED = [{"type": "tool", "name": "get_weather"}, {"type": "any", "disable_parallel_tool_use": True}]
+
+
+@pytest.mark.parametrize("choice", FORCED, ids=["tool", "any"])
+def test_a_forced_tool_is_called(tool_api: ApiServer, choice: dict) -> None:
+    message = _client(tool_api).messages.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=80,
+                                                tool_choice=choice)
+    assert message.stop_reason == "tool_use", message
+    [block] = message.content
+    assert block.name == choice.get("name", block.name)
+    _validate(block)
+
+
+@pytest.mark.parametrize("choice", FORCED, ids=["tool", "any"])
+def test_a_forced_tool_streams_as_a_tool_use_block(tool_api: ApiServer, choice: dict) -> None:
+    with _client(tool_api).messages.stream(model="tiny", messages=ASK, tools=TOOLS, max_tokens=80,
+                                           tool_choice=choice) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    deltas = [e.delta for e in events if e.type == "content_block_delta"]
+    assert [b.type for b in starts] == ["tool_use"] and starts[0].input == {}
+    assert deltas and {d.type for d in deltas} == {"input_json_delta"}
+    assert final.stop_reason == "tool_use"
+    [block] = final.content
+    assert block.id == starts[0].id and block.name == choice.get("name", block.name)
+    _validate(block)
+    assert block.input == json.loads("".join(d.partial_json for d in deltas))
+
+
+def test_tool_results_reach_the_template(tool_api: ApiServer, tool_model: Path) -> None:
+    """An assistant's tool_use and the user's tool_result go through the template as the
+    call and the tool turn OpenAI's shapes give it."""
+    history = ASK + [
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 2}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sun"}]},
+            {"type": "text", "text": "And tomorrow?"}]}]
+    message = _client(tool_api).messages.create(model="tiny", messages=history, tools=TOOLS, max_tokens=4)
+    assert message.content[0].type == "text"
+    expected = ASK + [
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sun"},
+        {"role": "user", "content": "And tomorrow?"}]
+    template_tools = [{"type": "function", "function": {"name": t["name"], **({"description": t["description"]}
+                       if "description" in t else {}), "parameters": t["input_schema"]}} for t in TOOLS]
+    tokens = load_tokenizer(tool_model).apply_chat_template(expected, tools=template_tools, add_generation_prompt=True)
+    assert _spooled_request(tool_api, message.id.removeprefix("msg_")).prompt_tokens == list(tokens)
+    count = _client(tool_api).messages.count_tokens(model="tiny", messages=history, tools=TOOLS)
+    assert count.input_tokens == len(tokens)
+
+
+@pytest.mark.parametrize("patch, named", [
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "input_schema"),
+    ({"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}}, "nope"),
+    ({"tools": TOOLS, "tool_choice": {"type": "tool"}}, "name"),
+    ({"tools": TOOLS, "tool_choice": {"type": "auto", "fancy": True}}, "fancy"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}]}]}, "content"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+     "assistant"),
+])
+def test_unsupported_tool_fields_are_refused(tool_api: ApiServer, patch: dict, named: str) -> None:
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 4} | patch
+    response = httpx.post(f"{tool_api.url}/v1/messages", headers={"x-api-key": KEY}, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and named in error["message"], error
+
+
+def test_tools_on_a_model_without_tool_calling(api: ApiServer) -> None:
+    with pytest.raises(anthropic.BadRequestError) as err:
+        _client(api).messages.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4)
+    assert "no tool calling" in err.value.body["error"]["message"]

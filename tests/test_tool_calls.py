@@ -44,13 +44,18 @@ TOOLS = [
 MESSAGES = [{"role": "user", "content": "What will the weather be in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_tiny_model("qwen2", tmp_path_factory.mktemp("model") / "qwen2")
+def make_tool_model(directory: Path) -> Path:
+    """A tiny qwen2 whose chat template takes tools."""
+    path = make_tiny_model("qwen2", directory / "qwen2")
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config | {"chat_template": TOOLS_TEMPLATE}))
     return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tool_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ class MessageReply:
         self.tool_text = tool_text() if tool_text is not None else None
         self.blocks = 0  # content blocks started in the stream
         self.text_open = False  # the last one is a text block still open
+        self.space = ""  # whitespace held: it starts a text block only if text follows, or no call does
 
     def _stop_reason(self, final: Final) -> str | None:
         if final.stop_sequence is not None:
@@ -56,13 +57,21 @@ class MessageReply:
 
     def whole(self, outcomes: list[Outcome], usage: Usage) -> MessageResponse:
         [outcome] = outcomes  # Anthropic's API has no n
-        text, calls = outcome.text, []
+        pieces: list[str | ParsedCall] = [outcome.text]
         if self.tool_text is not None:
-            text, parsed = self.tool_text.feed(outcome.text)
-            text += self.tool_text.finish()
-            calls = [tool_use(call) for call in parsed]
-        content = [TextContent(text=text)] if text.strip() or not calls else []
-        return MessageResponse(id=self.id, model=self.model, content=content + calls,
+            pieces = self.tool_text.feed(outcome.text) + [self.tool_text.finish()]
+        content: list[TextContent | ToolUseContent] = []
+        for piece in pieces:
+            if isinstance(piece, ParsedCall):
+                content.append(tool_use(piece))
+            elif content and isinstance(content[-1], TextContent):
+                content[-1].text += piece
+            else:
+                content.append(TextContent(text=piece))
+        # Text around calls that is only whitespace is no block, as in Anthropic's replies.
+        if any(isinstance(block, ToolUseContent) for block in content):
+            content = [b for b in content if not isinstance(b, TextContent) or b.text.strip()]
+        return MessageResponse(id=self.id, model=self.model, content=content or [TextContent(text="")],
                                stop_reason=self._stop_reason(outcome.final),
                                stop_sequence=outcome.final.stop_sequence, usage=_usage(usage))
 
@@ -105,15 +114,23 @@ class MessageReply:
     def delta(self, index: int, text: str, logprobs: None = None) -> list[str]:
         if self.tool_text is None:
             return self._text(text)
-        content, calls = self.tool_text.feed(text)
-        frames = self._text(content) if content else []
-        for call in calls:
-            frames += self._tool_use(call)
-        return frames
+        return [frame for piece in self.tool_text.feed(text) for frame in self._piece(piece)]
+
+    def _piece(self, piece: str | ParsedCall) -> list[str]:
+        if isinstance(piece, ParsedCall):
+            self.space = ""
+            return self._tool_use(piece)
+        if not self.text_open and not piece.strip():
+            self.space += piece
+            return []
+        text, self.space = self.space + piece, ""
+        return self._text(text)
 
     def choice_end(self, index: int, final: Final) -> list[str]:
         rest = self.tool_text.finish() if self.tool_text is not None else ""
-        frames = self._text(rest) if rest else []
+        frames = self._piece(rest) if rest else []
+        if self.space and not self.tool_text.calls:
+            frames += self._text(self.space)
         if not self.blocks:  # nothing at all: one empty text block, as in the whole reply
             frames += self._start_text()
         return frames + self._stop_open()

@@ -79,10 +79,10 @@ class Metadata(Strict):
 
 
 class Tool(Strict):
+    type: Literal["custom"] | None = None  # Anthropic's server tools (web search, bash, ...) are refused
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any]
-    type: Literal["custom"] | None = None  # Anthropic's server tools (web search, bash, ...) are refused
     strict: bool | None = None  # enforced by grammar only when tool_choice forces a call
     cache_control: dict[str, Any] | None = None
 
