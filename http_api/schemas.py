@@ -141,6 +141,9 @@ class GenerationRequest(Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # rank 0's prompt cache finds shared prefixes by itself
+    prompt_cache_retention: str | None = None
 
     @field_validator("logit_bias")
     @classmethod

@@ -45,6 +45,8 @@ def _parser_module(tokenizer: Any) -> str:
 
 
 def check_tools(tokenizer: Any, spec: ToolSpec) -> None:
+    if not spec.tools and (spec.choice == "required" or spec.named is not None):
+        raise APIError(400, "tool_choice asks for a tool call, but there are no tools", param="tool_choice")
     if spec.tools and spec.choice != "none" and not tokenizer.has_tool_calling:
         raise APIError(400, "this model's chat template has no tool calling; send no tools", param="tools")
     if spec.named is not None and spec.named not in {t["function"]["name"] for t in spec.tools}:

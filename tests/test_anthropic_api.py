@@ -181,6 +181,7 @@ def test_tool_results_reach_the_template(tool_api: ApiServer, tool_model: Path) 
     ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "input_schema"),
     ({"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}}, "nope"),
     ({"tools": TOOLS, "tool_choice": {"type": "tool"}}, "name"),
+    ({"tool_choice": {"type": "any"}}, "no tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "auto", "fancy": True}}, "fancy"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
         {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}]}]}, "content"),

@@ -201,7 +201,7 @@ def test_body_too_large_is_413(api: ApiServer, model_id: str) -> None:
 
 
 @pytest.mark.parametrize(("patch", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"temperature": 3}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),

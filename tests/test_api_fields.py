@@ -62,7 +62,8 @@ def test_unknown_fields_are_refused_naming_them(api: ApiServer, field: dict) -> 
 
 def test_fields_that_cannot_change_the_output_are_accepted(api: ApiServer) -> None:
     reply = api.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, user="u1",
-                                                 metadata={"k": "v"}, store=False)
+                                                 metadata={"k": "v"}, store=False, safety_identifier="s1",
+                                                 prompt_cache_key="k1", prompt_cache_retention="24h")
     assert reply.usage.completion_tokens == 2
 
 

@@ -98,6 +98,18 @@ def test_required_calls_stream_as_tool_call_chunks(api: ApiServer) -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_each_choice_calls_a_tool(api: ApiServer) -> None:
+    reply = _client(api).chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80, temperature=1.0, seed=6, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert reply.choices[0].message.tool_calls[0].id != reply.choices[1].message.tool_calls[0].id
+
+
 def test_auto_leaves_the_choice_to_the_model(api: ApiServer) -> None:
     """A random model does not call a tool by itself: its text comes back as content."""
     reply = _client(api).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8,
@@ -115,6 +127,9 @@ def test_tool_refusals(api: ApiServer, tmp_path: Path) -> None:
         client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
                                        tool_choice="required", response_format={"type": "json_object"})
     assert err.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, tool_choice="required")
+    assert err.value.body["param"] == "tool_choice" and "no tools" in err.value.body["message"]
     # A model whose template has no tools: refused before anything is queued.
     plain = make_tiny_model("llama", tmp_path / "llama")
     with ApiServer(_ring_settings(plain, tmp_path / "spool", served_model_name="plain")) as other:
