@@ -157,16 +157,21 @@ def test_tool_results_reach_the_template(tool_api: ApiServer, tool_model: Path) 
     history = ASK + [
         {"role": "assistant", "content": [
             {"type": "text", "text": "Let me look."},
-            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 2}}]},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 2}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {"zone": "PST"}}]},
         {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sun"}]},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "no such zone", "is_error": True},
             {"type": "text", "text": "And tomorrow?"}]}]
     message = _client(tool_api).messages.create(model="tiny", messages=history, tools=TOOLS, max_tokens=4)
     assert message.content[0].type == "text"
     expected = ASK + [
         {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+            "name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
+            {"id": "toolu_2", "type": "function", "function": {"name": "get_time", "arguments": {"zone": "PST"}}}]},
         {"role": "tool", "tool_call_id": "toolu_1", "content": "sun"},
+        # The template has no place for is_error: the text says it.
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: no such zone"},
         {"role": "user", "content": "And tomorrow?"}]
     template_tools = [{"type": "function", "function": {"name": t["name"], **({"description": t["description"]}
                        if "description" in t else {}), "parameters": t["input_schema"]}} for t in TOOLS]
