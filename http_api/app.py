@@ -81,12 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health(request: Request) -> Any:
         spool: Spool = request.app.state.spool
         beat = spool.read_heartbeat()
+        supervision = spool.read_supervision()
         problem = heartbeat_problem(beat, settings.heartbeat_timeout)
         if problem is None and beat.get("state") != "ready":
             problem = f"ring state is {beat.get('state')!r}"
             problem += f": {beat['reason']}" if beat.get("reason") else ""
+        if supervision is not None and supervision.state == "gave_up":
+            problem = f"the supervisor gave up: {supervision.reason}"
+        elif supervision is not None and supervision.state == "restarting" and problem:
+            problem = f"the supervisor is restarting the ring ({supervision.last_cause}); {problem}"
         info = {**(beat or {}), "status": "unavailable" if problem else "ok", "reason": problem,
-                "queue_depth": spool.queue_depth()}
+                "queue_depth": spool.queue_depth(), "supervisor": supervision}
         return JSONResponse(Health.model_validate(info).model_dump(), status_code=503 if problem else 200)
 
     @app.get("/metrics")

@@ -12,6 +12,7 @@ Layout under the root (directories 0700, files 0600):
                          kept (never purged) for a person to look at
     tmp/                 files being written, renamed into place when complete
     heartbeat.json       rank 0's latest status
+    supervision.json     the supervisor's latest word (restarts, last cause, given up)
 
 A request moves between incoming/, claimed/ and done/ only by rename, which is atomic,
 so it is always in exactly one of them. Ids are made here, sort by submission time and
@@ -31,7 +32,8 @@ from pydantic import ValidationError
 
 from spool.notify import DirWatch, watch_dir
 from spool.protocol import (
-    TERMINAL, Delta, Event, Failed, Final, Requeued, SpoolRequest, Usage, decode_event, encode_event,
+    TERMINAL, Delta, Event, Failed, Final, Requeued, SpoolRequest, Supervision, Usage, decode_event,
+    encode_event,
 )
 
 _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
@@ -76,6 +78,7 @@ class Spool:
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
         self._heartbeat = self.root / "heartbeat.json"
+        self._supervision = self.root / "supervision.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
 
     # -- helpers ---------------------------------------------------------------
@@ -169,6 +172,20 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return None
         return info if isinstance(info, dict) else None
+
+    def read_supervision(self) -> Supervision | None:
+        """The supervisor's latest record, or None when no supervisor wrote one."""
+        try:
+            return Supervision.model_validate_json(self._supervision.read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
+
+    def write_supervision(self, record: Supervision | None) -> None:
+        """Replace the record; None removes it (a start or stop ends what it said)."""
+        if record is None:
+            self._supervision.unlink(missing_ok=True)
+        else:
+            self._write_atomic(self._supervision, record.model_dump_json().encode(), durable=False)
 
     # -- rank-0 side -----------------------------------------------------------
 
