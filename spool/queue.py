@@ -158,7 +158,8 @@ class Spool:
         return [token for e in events if isinstance(e, Delta) for token in e.token_ids]
 
     def watch_streams(self) -> DirWatch | None:
-        """A watch whose changed() names the requests with new events (None without inotify)."""
+        """A watch whose changed() names the requests with new events (None where the
+        system offers no notifications, so readers poll)."""
         return watch_dir(self._streams, writes=True)
 
     def queue_depth(self) -> int:

@@ -14,7 +14,8 @@ import pytest
 
 import spool.queue
 from spool import Spool
-from spool.protocol import Delta, Failed, Final, Requeued, SpoolRequest, Usage
+from spool.notify import WatchfilesWatch, watchfiles_watch
+from spool.protocol import Delta, Failed, Final, Requeued, SpoolRequest, Started, Usage
 
 FINAL = Final(finish_reason="stop", usage=Usage.of(1, 0))
 
@@ -305,6 +306,25 @@ def test_wait_for_work_wakes_on_submit(tmp_path: Path) -> None:
         assert _has_inotify()  # the notification path, not the polling one, is under test
     assert _wake_latency(sp) < 0.05  # includes the submit's own fsyncs
     assert sp.wait_for_work(1.0)  # returns at once while work is waiting
+
+
+def test_wait_for_work_wakes_through_watchfiles(tmp_path: Path, monkeypatch) -> None:
+    """The watcher of systems without inotify (macOS), run here on Linux's inotify
+    underneath: a submit wakes rank 0, and a stream write wakes its reader."""
+    monkeypatch.setattr(spool.queue, "watch_dir", lambda path, writes=False: watchfiles_watch(path, writes))
+    sp = Spool(tmp_path)
+    assert sp.wait_for_work(0.02) is False
+    assert isinstance(sp._watch, WatchfilesWatch)
+    assert _wake_latency(sp) < 0.05
+    streams = sp.watch_streams()
+    request_id = sp.submit(request())
+    sp.append(request_id, Started())
+    assert streams.wait(2.0)
+    sp.append(request_id, Started())
+    deadline = time.monotonic() + 2
+    while not (changed := streams.changed()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert changed == {request_id}
 
 
 def test_wait_for_work_polls_without_notifications(tmp_path: Path, monkeypatch) -> None:
