@@ -62,6 +62,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def stuck_since_requeued(events: list[Event]) -> bool:
+    """Whether a request was requeued before and has streamed no token since."""
+    for event in reversed(events):
+        if isinstance(event, Requeued):
+            return True
+        if isinstance(event, Delta) and event.token_ids:
+            return False
+    return False
+
+
 class Spool:
     """The spool directory; every method is safe to call from several processes."""
 
@@ -210,8 +220,11 @@ class Spool:
 
         One whose final event was written already only missed its move to done/; one
         cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled;
-        one requeued before (in flight during the last failure too, so perhaps its cause)
-        is ended with an error and quarantined rather than retried forever.
+        one requeued before that has streamed no token since (in flight during the last
+        failure too, and stuck where it was: perhaps its cause) is ended with an error and
+        quarantined rather than retried forever. One that made progress since is requeued
+        again: a ring that fails twice while a long stream runs does not cost it its answer,
+        and one that fails at the same token is quarantined at the next failure.
         """
         requeued, quarantined = [], []
         for request_id in self._ids(self._claimed):
@@ -222,9 +235,9 @@ class Spool:
             if self.is_cancelled(request_id):
                 self._withdraw(request_id, self._claimed)
                 continue
-            if any(isinstance(e, Requeued) for e in events):
+            if stuck_since_requeued(events):
                 self.append(request_id, Failed(message="quarantined: this request was in flight during two ring "
-                                               "failures in a row", code="quarantined"))
+                                               "failures in a row, with no token in between", code="quarantined"))
                 os.rename(self._claimed / f"{request_id}.json", self._quarantine / f"{request_id}.json")
                 quarantined.append(request_id)
                 continue

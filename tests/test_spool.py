@@ -206,7 +206,7 @@ def test_cancel_of_a_claimed_request_leaves_it_to_rank0(tmp_path: Path) -> None:
     assert sp.read_events(request_id) == ([], 0)
 
 
-def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_the_second_time(tmp_path: Path) -> None:
+def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_when_stuck(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
     request_id = sp.submit(request([1, 2]))
     sp.claim()
@@ -217,7 +217,11 @@ def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_the_seco
     sp.claim()
     sp.append(request_id, Delta(text="c", token_ids=[9]))
     assert sp.streamed_tokens(request_id) == [7, 8, 9]
-    # In flight during a second ring failure: ended, and kept where purge never looks.
+    # In flight during a second failure, but it had moved on: requeued again.
+    assert sp.requeue_claimed() == ([request_id], [])
+    sp.claim()
+    sp.append(request_id, Delta(text="", token_ids=[]))
+    # A third failure with no token since the last: ended, and kept where purge never looks.
     assert sp.requeue_claimed() == ([], [request_id])
     events, _ = sp.read_events(request_id)
     assert isinstance(events[-1], Failed) and events[-1].code == "quarantined"
