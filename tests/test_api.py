@@ -38,7 +38,7 @@ from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
 from spool.notify import watchfiles_watch
-from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
+from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest, Supervision
 from models.tiny import VOCAB_SIZE, make_tiny_model
 
 KEY = "sk-test-key"
@@ -264,7 +264,15 @@ def test_health(api: ApiServer) -> None:
     response = httpx.get(f"{api.url}/health")
     assert response.status_code == 200
     assert response.json() | {"time": 0} == {"status": "ok", "reason": None, "queue_depth": 0, "state": "ready",
-                                              "ranks": 2, "active": 0, "time": 0}
+                                              "ranks": 2, "active": 0, "time": 0, "supervisor": None}
+    watching = Supervision(state="watching", restarts=2, last_cause="rank 1 exited")
+    api.spool.write_supervision(watching)
+    response = httpx.get(f"{api.url}/health")
+    assert response.status_code == 200 and response.json()["supervisor"] == watching.model_dump()
+    api.spool.write_supervision(Supervision(state="gave_up", restarts=5, reason="RESTART_LIMIT=5 reached"))
+    response = httpx.get(f"{api.url}/health")
+    assert response.status_code == 503 and response.json()["reason"] == "the supervisor gave up: RESTART_LIMIT=5 reached"
+    api.spool.write_supervision(None)
     api.spool.write_heartbeat({"state": "ready", "time": time.time() - 5})  # > HEARTBEAT_TIMEOUT
     response = httpx.get(f"{api.url}/health")
     assert response.status_code == 503 and "ago" in response.json()["reason"]
