@@ -11,8 +11,10 @@ from functools import partial
 from typing import Optional
 
 from distributed.cluster import Cluster
+from distributed.control import carry_out_controls
 from distributed.limits import RequestError
 from distributed.sequence import TokenResult
+from distributed.serving_stats import RingRun, ServingStats
 from distributed.text_stream import TextStream
 from models import served_name
 from spool import Spool
@@ -55,8 +57,10 @@ class Reply:
 class Serving:
     """Rank 0 in serve mode: spool in, ring, spool out."""
 
-    def __init__(self, cluster: Cluster, settings, spool: Spool):
+    def __init__(self, cluster: Cluster, settings, spool: Spool, run: RingRun):
         self.cluster = cluster
+        self.ring_run = run
+        self.stats = ServingStats()
         self.scheduler = cluster.scheduler
         self.settings = settings
         self.spool = spool
@@ -86,6 +90,9 @@ class Serving:
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
+                "settings": ring_settings(self.settings),
+                **self.ring_run.record(),
+                **self.stats.record(),
             }
         )
         if now >= self.next_purge:
@@ -102,6 +109,7 @@ class Serving:
         events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
+            carry_out_controls(self.spool, self.scheduler)
             self.admit()
             if self.scheduler.busy or events:
                 # The next steps start first, so the ring computes while the last
@@ -177,6 +185,7 @@ class Serving:
         reply = self.replies[result.seq]
         reply.first_token = reply.first_token or time.perf_counter()
         if result.in_completion:
+            self.stats.token()
             reply.completion += 1
             reply.unwritten.append(result.token)
             if reply.logprobs is not None:
@@ -215,6 +224,7 @@ class Serving:
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
+        self.stats.answered(timings.time_to_first_token, reply.cached_tokens)
         final = Final(finish_reason=finish_reason, stop_sequence=stop_sequence, usage=usage, timings=timings)
         self.spool.finish(reply.request_id, final)
         log.info(
@@ -241,8 +251,15 @@ class Serving:
         self.spool.finish(reply.request_id, Failed(message=message, code="internal_error"))
 
 
-def serve(cluster: Cluster, settings, spool: Spool) -> int:
-    serving = Serving(cluster, settings, spool)
+def ring_settings(settings) -> dict:
+    """The settings the ring serves with that a person looking at it wants to see."""
+    names = ("backend", "parallel", "layer_split", "micro_batches", "max_sequence_length", "prefill_step_size",
+             "kv_cache_reserved_memory_mb", "kv_bits", "prompt_cache_mb", "fast_blas")
+    return {name: getattr(settings, name) for name in names}
+
+
+def serve(cluster: Cluster, settings, spool: Spool, run: RingRun) -> int:
+    serving = Serving(cluster, settings, spool, run)
 
     def stop(signum, frame):
         serving.stopping = True

@@ -1,0 +1,179 @@
+// The cluster's side of the page: the ring, one card per rank, the live figures and the
+// tokens/s chart, all drawn from one /v1/cluster record. Text goes in with textContent.
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attributes = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function div(className, text) {
+  const node = document.createElement("div");
+  node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+export function bytes(n) {
+  if (n === null || n === undefined) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let unit = 0;
+  while (n >= 1024 && unit < units.length - 1) {
+    n /= 1024;
+    unit++;
+  }
+  return `${n.toFixed(n < 10 && unit ? 1 : 0)} ${units[unit]}`;
+}
+
+export function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  if (seconds < 120) return `${seconds.toFixed(1)} s`;
+  const minutes = Math.floor(seconds / 60);
+  return minutes < 120 ? `${minutes} min` : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+// What a rank holds: its layers (a pipeline) or its part of every layer (tensor mode).
+export function holding(rank, layerCount) {
+  const [start, end] = rank.layers;
+  const [index, parts] = rank.shard;
+  if (parts > 1) return `part ${index + 1}/${parts} of layers ${start}–${end - 1}`;
+  return `layers ${start}–${end - 1}${layerCount ? ` of ${layerCount}` : ""}`;
+}
+
+function drawRing(view) {
+  const ring = document.getElementById("ring");
+  ring.replaceChildren();
+  const n = view.ranks.length;
+  const [cx, cy, radius] = [160, 160, n > 1 ? 105 : 0];
+  ring.append(svg("circle", { cx, cy, r: 105, class: "ring-path" }));
+  const at = (i) => {
+    const angle = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1);
+    return [cx + radius * Math.cos(angle), cy + radius * Math.sin(angle), angle];
+  };
+  // Arrows: the hidden state goes from each rank to the next, and back to rank 0.
+  const marker = svg("marker", {
+    id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto",
+  });
+  marker.append(svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow-head" }));
+  const defs = svg("defs");
+  defs.append(marker);
+  ring.append(defs);
+  if (n > 1) {
+    for (let i = 0; i < n; i++) {
+      const [x1, y1] = at(i);
+      const [x2, y2] = at((i + 1) % n);
+      const dx = x2 - x1, dy = y2 - y1, length = Math.hypot(dx, dy);
+      const trim = 30 / length;
+      ring.append(svg("line", {
+        x1: x1 + dx * trim, y1: y1 + dy * trim, x2: x2 - dx * trim, y2: y2 - dy * trim,
+        class: "hop", "marker-end": "url(#arrow)",
+      }));
+    }
+  }
+  const layerCount = Math.max(0, ...view.ranks.map((r) => r.layers[1]));
+  view.ranks.forEach((rank, i) => {
+    const [x, y, angle] = at(i);
+    const group = svg("g", { class: `node ${rank.alive ? "alive" : "down"}`, "data-rank": rank.rank });
+    group.append(svg("circle", { cx: x, cy: y, r: 26 }));
+    group.append(svg("text", { x, y: y + 5, "text-anchor": "middle", class: "node-rank" }, `${rank.rank}`));
+    const outward = n > 1 ? 46 : 44;
+    const lx = x + (n > 1 ? Math.cos(angle) * outward : 0);
+    const ly = y + (n > 1 ? Math.sin(angle) * outward : outward) + (Math.sin(angle) < -0.5 ? -8 : 4);
+    const anchor = n > 1 && Math.abs(Math.cos(angle)) > 0.3 ? (Math.cos(angle) > 0 ? "start" : "end") : "middle";
+    group.append(svg("text", { x: lx, y: ly, "text-anchor": anchor, class: "node-host" }, rank.host));
+    group.append(svg("text", { x: lx, y: ly + 14, "text-anchor": anchor, class: "node-layers" },
+      holding(rank, layerCount)));
+    ring.append(group);
+  });
+}
+
+function drawCards(view) {
+  const layerCount = Math.max(0, ...view.ranks.map((r) => r.layers[1]));
+  const cards = view.ranks.map((rank) => {
+    const card = div(`card rank ${rank.alive ? "alive" : "down"}`);
+    card.dataset.rank = rank.rank;
+    const title = div("card-title");
+    title.append(div("rank-name", `rank ${rank.rank}`), div("rank-host", rank.host));
+    title.append(div(`state ${rank.alive ? "alive" : "down"}`, rank.alive ? "up" : "down"));
+    const used = (rank.weights_bytes || 0) + view.load.kv_reserved_bytes;
+    const share = rank.memory_total_bytes ? Math.min(used / rank.memory_total_bytes, 1) : 0;
+    const meter = document.createElement("meter");
+    meter.min = 0;
+    meter.max = 1;
+    meter.value = share;
+    card.append(
+      title,
+      div("rank-layers", holding(rank, layerCount)),
+      div("line", `memory: ${bytes(used)} of ${bytes(rank.memory_total_bytes)} (weights ${bytes(rank.weights_bytes)}`
+        + ` + KV reserved ≤ ${bytes(view.load.kv_reserved_bytes)})`),
+      meter,
+      div("line", `${rank.device || "?"} · BLAS ${(rank.blas || "?").split(" ")[0]}`),
+      div("line muted", `pid ${rank.pid ?? "?"} · restarts ${rank.restarts}`),
+    );
+    return card;
+  });
+  document.getElementById("ranks").replaceChildren(...cards);
+}
+
+function figure(label, value, detail) {
+  const node = div("figure");
+  node.append(div("figure-value", value), div("figure-label", label));
+  if (detail) node.append(div("figure-detail muted", detail));
+  return node;
+}
+
+function drawFigures(view) {
+  const load = view.load;
+  const kvShare = load.kv_capacity_bytes ? load.kv_reserved_bytes / load.kv_capacity_bytes : 0;
+  const lookups = load.prompt_cache_hits + load.prompt_cache_misses;
+  document.getElementById("figures").replaceChildren(
+    figure("tokens/s", load.tokens_per_s.toFixed(1), `${load.generated_tokens} generated`),
+    figure("active sequences", `${load.active}`, `peak ${load.peak_active}`),
+    figure("queue depth", `${load.queue_depth}`),
+    figure("KV reserved", `${Math.round(kvShare * 100)}%`,
+      `${bytes(load.kv_reserved_bytes)} of ${bytes(load.kv_capacity_bytes)}`),
+    figure("prompt-cache hits", `${load.prompt_cache_hits}/${lookups}`,
+      load.prompt_cache_tokens === null ? "cache off" : `${load.prompt_cache_tokens} tokens cached`),
+    figure("time to first token p50", duration(load.ttft_p50_s)),
+  );
+}
+
+function drawChart(view) {
+  const { bucket_s: bucket, tokens_per_s: rates } = view.load.throughput;
+  const chart = document.getElementById("throughput");
+  chart.replaceChildren();
+  const top = Math.max(1, ...rates);
+  const [width, height] = [300, 100];
+  const step = rates.length > 1 ? width / (rates.length - 1) : width;
+  const points = rates.map((rate, i) => `${(i * step).toFixed(1)},${(height - (rate / top) * (height - 8)).toFixed(1)}`);
+  for (const y of [0.25, 0.5, 0.75]) chart.append(svg("line", { x1: 0, x2: width, y1: height * y, y2: height * y, class: "grid" }));
+  if (points.length) {
+    chart.append(svg("polygon", { points: `0,${height} ${points.join(" ")} ${width},${height}`, class: "area" }));
+    chart.append(svg("polyline", { points: points.join(" "), class: "line" }));
+  }
+  const minutes = Math.round((rates.length * bucket) / 60);
+  document.getElementById("throughput-caption").textContent =
+    `tokens/s over the last ${minutes} min, per ${bucket} s (top ${top.toFixed(1)})`;
+}
+
+function drawHeader(view) {
+  const status = document.getElementById("status");
+  status.textContent = view.status === "ok" ? "serving" : "unavailable";
+  status.className = `pill ${view.status}`;
+  status.title = view.reason || "";
+  const parts = [view.model, view.mode && `${view.mode} on ${view.ranks.length} rank(s)`,
+    view.uptime_s !== null && `up ${duration(view.uptime_s)}`, view.reason].filter(Boolean);
+  document.getElementById("summary").textContent = parts.join(" · ");
+}
+
+export function showCluster(view) {
+  drawHeader(view);
+  drawRing(view);
+  drawCards(view);
+  drawFigures(view);
+  drawChart(view);
+}
