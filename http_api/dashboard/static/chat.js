@@ -74,6 +74,7 @@ async function send(message) {
   const structured = Boolean(settings.response_format);
   running = new AbortController();
   setRunning(true);
+  stats("waiting for the first token…");
   const sent = performance.now();
   let text = "";
   let first = null;

@@ -44,48 +44,52 @@ export function holding(rank, layerCount) {
   return `layers ${start}–${end - 1}${layerCount ? ` of ${layerCount}` : ""}`;
 }
 
+const RING = { cx: 280, cy: 165, radius: 95, node: 26 }; // in the ring's viewBox, 560 x 330
+const HOST_CHARS = 18;
+
+// The point of the ring at `angle`.
+function onRing(angle) {
+  return [RING.cx + RING.radius * Math.cos(angle), RING.cy + RING.radius * Math.sin(angle)];
+}
+
+// An arc of the ring from one node to the next, the way the hidden state goes.
+function hop(from, to) {
+  const gap = (RING.node + 6) / RING.radius;
+  const [x1, y1] = onRing(from + gap);
+  const [x2, y2] = onRing(to - gap);
+  const large = to - from - 2 * gap > Math.PI ? 1 : 0;
+  return svg("path", {
+    d: `M${x1.toFixed(1)},${y1.toFixed(1)} A${RING.radius},${RING.radius} 0 ${large} 1 ${x2.toFixed(1)},${y2.toFixed(1)}`,
+    class: "hop", "marker-end": "url(#arrow)",
+  });
+}
+
 function drawRing(view) {
   const ring = document.getElementById("ring");
-  ring.replaceChildren();
   const n = view.ranks.length;
-  const [cx, cy, radius] = [160, 160, n > 1 ? 105 : 0];
-  ring.append(svg("circle", { cx, cy, r: 105, class: "ring-path" }));
-  const at = (i) => {
-    const angle = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1);
-    return [cx + radius * Math.cos(angle), cy + radius * Math.sin(angle), angle];
-  };
-  // Arrows: the hidden state goes from each rank to the next, and back to rank 0.
   const marker = svg("marker", {
-    id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto",
+    id: "arrow", viewBox: "0 0 10 10", refX: 8, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto",
   });
   marker.append(svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow-head" }));
   const defs = svg("defs");
   defs.append(marker);
-  ring.append(defs);
-  if (n > 1) {
-    for (let i = 0; i < n; i++) {
-      const [x1, y1] = at(i);
-      const [x2, y2] = at((i + 1) % n);
-      const dx = x2 - x1, dy = y2 - y1, length = Math.hypot(dx, dy);
-      const trim = 30 / length;
-      ring.append(svg("line", {
-        x1: x1 + dx * trim, y1: y1 + dy * trim, x2: x2 - dx * trim, y2: y2 - dy * trim,
-        class: "hop", "marker-end": "url(#arrow)",
-      }));
-    }
-  }
+  ring.replaceChildren(defs, svg("circle", { cx: RING.cx, cy: RING.cy, r: RING.radius, class: "ring-path" }));
+  const angle = (i) => -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1);
+  if (n > 1) for (let i = 0; i < n; i++) ring.append(hop(angle(i), angle(i) + (2 * Math.PI) / n));
   const layerCount = Math.max(0, ...view.ranks.map((r) => r.layers[1]));
   view.ranks.forEach((rank, i) => {
-    const [x, y, angle] = at(i);
+    const [x, y] = onRing(angle(i));
     const group = svg("g", { class: `node ${rank.alive ? "alive" : "down"}`, "data-rank": rank.rank });
-    group.append(svg("circle", { cx: x, cy: y, r: 26 }));
-    group.append(svg("text", { x, y: y + 5, "text-anchor": "middle", class: "node-rank" }, `${rank.rank}`));
-    const outward = n > 1 ? 46 : 44;
-    const lx = x + (n > 1 ? Math.cos(angle) * outward : 0);
-    const ly = y + (n > 1 ? Math.sin(angle) * outward : outward) + (Math.sin(angle) < -0.5 ? -8 : 4);
-    const anchor = n > 1 && Math.abs(Math.cos(angle)) > 0.3 ? (Math.cos(angle) > 0 ? "start" : "end") : "middle";
-    group.append(svg("text", { x: lx, y: ly, "text-anchor": anchor, class: "node-host" }, rank.host));
-    group.append(svg("text", { x: lx, y: ly + 14, "text-anchor": anchor, class: "node-layers" },
+    group.append(svg("circle", { cx: x, cy: y, r: RING.node }));
+    group.append(svg("text", { x, y: y + 6, "text-anchor": "middle", class: "node-rank" }, `${rank.rank}`));
+    // Outside the ring: above the top node, below the bottom one, beside the others.
+    const side = Math.abs(x - RING.cx) < 1 ? 0 : Math.sign(x - RING.cx);
+    const lx = x + side * (RING.node + 8);
+    const ly = side ? y - 3 : y + (y < RING.cy ? -RING.node - 22 : RING.node + 16);
+    const anchor = { "-1": "end", 0: "middle", 1: "start" }[side];
+    const host = rank.host.length > HOST_CHARS ? `${rank.host.slice(0, HOST_CHARS - 1)}…` : rank.host;
+    group.append(svg("text", { x: lx, y: ly, "text-anchor": anchor, class: "node-host" }, host));
+    group.append(svg("text", { x: lx, y: ly + 16, "text-anchor": anchor, class: "node-layers" },
       holding(rank, layerCount)));
     ring.append(group);
   });
@@ -108,9 +112,9 @@ function drawCards(view) {
     card.append(
       title,
       div("rank-layers", holding(rank, layerCount)),
-      div("line", `memory: ${bytes(used)} of ${bytes(rank.memory_total_bytes)} (weights ${bytes(rank.weights_bytes)}`
-        + ` + KV reserved ≤ ${bytes(view.load.kv_reserved_bytes)})`),
+      div("line", `memory ${bytes(used)} of ${bytes(rank.memory_total_bytes)}`),
       meter,
+      div("line muted", `weights ${bytes(rank.weights_bytes)} + KV reserved ≤ ${bytes(view.load.kv_reserved_bytes)}`),
       div("line", `${rank.device || "?"} · BLAS ${(rank.blas || "?").split(" ")[0]}`),
       div("line muted", `pid ${rank.pid ?? "?"} · restarts ${rank.restarts}`),
     );
