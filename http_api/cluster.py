@@ -36,7 +36,8 @@ class ResetPrefixCacheRequest(BaseModel):
 
 def _status(request: Request) -> ClusterStatus:
     spool: Spool = request.app.state.spool
-    return cluster_status(spool.read_heartbeat(), spool.queue_depth(), request.app.state.settings)
+    state = request.app.state
+    return cluster_status(spool.read_heartbeat(), spool.queue_depth(), state.settings, state.model.names)
 
 
 @router.get("/v1/cluster", response_model=ClusterStatus, responses=ERROR_RESPONSES)

@@ -58,7 +58,8 @@ class ClusterStatus(BaseModel):
     status: Literal["ok", "unavailable"]
     reason: str | None
     state: str | None  # rank 0's: loading, ready, failed, stopped
-    model: str | None
+    model: str | None  # what rank 0 loaded
+    served_names: list[str]  # the names requests give it (SERVED_MODEL_NAME)
     mode: str | None  # pipeline or tensor
     parallel: dict[str, Any]  # how the ranks share the model, and why
     started_at: float | None  # Unix time the ring started
@@ -98,7 +99,7 @@ def _rank(entry: dict, ring_up: bool, restarts: int, here: str) -> RankStatus:
     )
 
 
-def cluster_status(beat: dict | None, queue_depth: int, settings: Settings) -> ClusterStatus:
+def cluster_status(beat: dict | None, queue_depth: int, settings: Settings, served_names: list[str]) -> ClusterStatus:
     """The cluster as rank 0's last heartbeat (`beat`) tells it."""
     info = beat or {}
     problem = ring_problem(beat, settings.heartbeat_timeout)
@@ -122,7 +123,7 @@ def cluster_status(beat: dict | None, queue_depth: int, settings: Settings) -> C
                     "request_timeout": settings.request_timeout}
     return ClusterStatus(
         status="unavailable" if problem else "ok", reason=problem, state=info.get("state"), model=info.get("model"),
-        mode=parallel.get("mode"), parallel=parallel, started_at=started,
+        served_names=served_names, mode=parallel.get("mode"), parallel=parallel, started_at=started,
         uptime_s=round(now - started, 1) if started and problem is None else None,
         heartbeat_age_s=round(now - info["time"], 2) if isinstance(info.get("time"), (int, float)) else None,
         ranks=[_rank(entry, problem is None, restarts, here) for entry in ranks if isinstance(entry, dict)],

@@ -63,6 +63,7 @@ def test_cluster_shape(served: tuple[ApiServer, RankProcess]) -> None:
     api, _ = served
     status = _cluster(api)
     assert status.status == "ok" and status.state == "ready" and status.mode == "pipeline"
+    assert status.served_names == ["tiny"] and status.model.endswith("llama")
     assert [r.rank for r in status.ranks] == [0, 1]
     # Whole layers, one after the other, all of them once.
     assert [r.layers for r in status.ranks] == [(0, LAYERS // 2), (LAYERS // 2, LAYERS)]

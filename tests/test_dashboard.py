@@ -52,7 +52,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--force-color-profile=srgb"):
+                "--window-size=1400,1100", "--force-color-profile=srgb"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # The driver named here: selenium must not look for one on the network.
@@ -128,6 +128,7 @@ def test_dashboard_in_a_browser(served: tuple[ApiServer, RankProcess], browser: 
     assert all("up" in c.find_element(By.CLASS_NAME, "state").text for c in cards)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#ring .node.alive")) == 2
     assert browser.find_element(By.ID, "status").text == "serving"
+    assert browser.find_element(By.ID, "summary").text.startswith("smol · pipeline on 2 rank(s)")
 
     # A chat message gets a streamed answer: the model's greedy output, as mlx-lm gives it.
     message = "What does a <b>lighthouse</b> keeper do?"

@@ -169,9 +169,11 @@ function drawHeader(view) {
   status.textContent = view.status === "ok" ? "serving" : "unavailable";
   status.className = `pill ${view.status}`;
   status.title = view.reason || "";
-  const parts = [view.model, view.mode && `${view.mode} on ${view.ranks.length} rank(s)`,
+  const parts = [view.served_names[0] || view.model, view.mode && `${view.mode} on ${view.ranks.length} rank(s)`,
     view.uptime_s !== null && `up ${duration(view.uptime_s)}`, view.reason].filter(Boolean);
-  document.getElementById("summary").textContent = parts.join(" · ");
+  const summary = document.getElementById("summary");
+  summary.textContent = parts.join(" · ");
+  summary.title = view.model ? `rank 0 loaded ${view.model}` : "";
 }
 
 export function showCluster(view) {
