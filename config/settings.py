@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     ring_port: int = Field(32323, ge=1024, le=65535)
     start_timeout: int = Field(600, ge=1)
     stop_timeout: int = Field(30, ge=1)
+    # The supervisor start leaves running (launcher/supervisor.py): restarts a ring whose
+    # rank exited or whose rank 0 finished no step for STEP_TIMEOUT s, at most
+    # RESTART_LIMIT times in 10 minutes; restarts the API when it exits
+    supervise: bool = True
+    step_timeout: float = Field(120.0, gt=0)
+    restart_limit: int = Field(5, ge=0)
     log_dir: Path = REPO_DIR / "logs"
     run_dir: Path = REPO_DIR / "run"
 

@@ -13,7 +13,6 @@ from distributed.doorbell import RingBroken
 from distributed.follower import follow
 from distributed.one_shot import run_once
 from distributed.serving import serve
-from distributed.serving_stats import RingRun
 from distributed.world import join_world
 from models import served_name
 from spool import Spool
@@ -39,17 +38,16 @@ def run_rank(settings: Settings, args: argparse.Namespace) -> int:
     as rank 0 serve the spool or generate once."""
     world = join_world(settings.backend)
     setup_logging(settings.log_level, world.rank(), args.log_file)
-    spool = run = None
+    spool = None
     if args.prompt is None and world.rank() == 0:
         spool = Spool(settings.spool_dir)
-        run = RingRun.after(spool.read_heartbeat())
-        spool.write_heartbeat({"state": "loading", "model": served_name(settings.model_repo), **run.record()})
+        spool.write_heartbeat({"state": "loading", "model": served_name(settings.model_repo)})
     try:
         cluster = start_cluster(settings, world)
     except ValueError as err:
         log.error("%s", err)
         if spool is not None:
-            spool.write_heartbeat({"state": "failed", "reason": str(err), **run.record()})
+            spool.write_heartbeat({"state": "failed", "reason": str(err)})
         return 2
     try:
         if not cluster.stage.is_first:
@@ -58,10 +56,10 @@ def run_rank(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         if args.prompt is not None:
             return run_once(cluster, args, args.max_tokens or settings.default_max_tokens)
-        return serve(cluster, settings, spool, run)
+        return serve(cluster, settings, spool)
     except RingBroken as err:
         # Claimed requests stay claimed: the next start puts them back in the queue.
         log.error("ring broken: %s", err)
         if spool is not None:
-            spool.write_heartbeat({"state": "failed", "reason": f"ring broken: {err}", **run.record()})
+            spool.write_heartbeat({"state": "failed", "reason": f"ring broken: {err}"})
         return 1

@@ -14,7 +14,7 @@ from distributed.cluster import Cluster
 from distributed.control import carry_out_controls
 from distributed.limits import RequestError
 from distributed.sequence import TokenResult
-from distributed.serving_stats import RingRun, ServingStats
+from distributed.serving_stats import ServingStats, ring_settings
 from distributed.text_stream import TextStream
 from models import served_name
 from spool import Spool
@@ -57,9 +57,8 @@ class Reply:
 class Serving:
     """Rank 0 in serve mode: spool in, ring, spool out."""
 
-    def __init__(self, cluster: Cluster, settings, spool: Spool, run: RingRun):
+    def __init__(self, cluster: Cluster, settings, spool: Spool):
         self.cluster = cluster
-        self.ring_run = run
         self.stats = ServingStats()
         self.scheduler = cluster.scheduler
         self.settings = settings
@@ -91,7 +90,6 @@ class Serving:
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
                 "settings": ring_settings(self.settings),
-                **self.ring_run.record(),
                 **self.stats.record(),
             }
         )
@@ -251,15 +249,8 @@ class Serving:
         self.spool.finish(reply.request_id, Failed(message=message, code="internal_error"))
 
 
-def ring_settings(settings) -> dict:
-    """The settings the ring serves with that a person looking at it wants to see."""
-    names = ("backend", "parallel", "layer_split", "micro_batches", "max_sequence_length", "prefill_step_size",
-             "kv_cache_reserved_memory_mb", "kv_bits", "prompt_cache_mb", "fast_blas")
-    return {name: getattr(settings, name) for name in names}
-
-
-def serve(cluster: Cluster, settings, spool: Spool, run: RingRun) -> int:
-    serving = Serving(cluster, settings, spool, run)
+def serve(cluster: Cluster, settings, spool: Spool) -> int:
+    serving = Serving(cluster, settings, spool)
 
     def stop(signum, frame):
         serving.stopping = True

@@ -1,35 +1,24 @@
-"""Rank 0's running figures for its heartbeat, which the dashboard shows: the ring's
-starts, tokens generated over the last minutes, time to first token, prompt-cache use."""
+"""What rank 0's heartbeat tells beyond its state, for the dashboard: the settings the
+ring serves with, and running figures (tokens generated over the last minutes, time to
+first token, prompt-cache use)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 BUCKET_S = 5  # s of generation each throughput figure covers
 BUCKETS = 60  # throughput figures kept: the last 5 minutes
 TTFT_WINDOW = 100  # recent requests the time to first token's median is taken over
 
 
-@dataclass(frozen=True)
-class RingRun:
-    """This start of the ring: how many starts the spool has seen (this one included),
-    and when it began (Unix time)."""
-
-    starts: int
-    started_at: float
-
-    @classmethod
-    def after(cls, last_heartbeat: Optional[dict]) -> "RingRun":
-        """The start after the one that wrote `last_heartbeat` (every heartbeat carries its run)."""
-        last = (last_heartbeat or {}).get("starts")
-        return cls((last if isinstance(last, int) else 0) + 1, time.time())
-
-    def record(self) -> dict:
-        return {"starts": self.starts, "started_at": self.started_at}
+def ring_settings(settings) -> dict:
+    """The settings the ring serves with that a person looking at it wants to see."""
+    names = ("backend", "parallel", "layer_split", "micro_batches", "max_sequence_length", "prefill_step_size",
+             "kv_cache_reserved_memory_mb", "kv_bits", "prompt_cache_mb", "fast_blas")
+    return {name: getattr(settings, name) for name in names}
 
 
 class ServingStats:

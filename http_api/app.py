@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from config import Settings, load_settings
 from http_api import cluster
 from http_api.anthropic import routes as anthropic_routes
-from http_api.cluster_view import ring_problem
+from http_api.cluster_view import serving_problem
 from http_api.dashboard import install_dashboard
 from http_api.errors import ERROR_RESPONSES, install_error_handlers
 from http_api.events import StreamWaker, heartbeat_problem
@@ -86,9 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health(request: Request) -> Any:
         spool: Spool = request.app.state.spool
         beat = spool.read_heartbeat()
-        problem = ring_problem(beat, settings.heartbeat_timeout)
+        supervision = spool.read_supervision()
+        problem = serving_problem(beat, supervision, settings.heartbeat_timeout)
         info = {**(beat or {}), "status": "unavailable" if problem else "ok", "reason": problem,
-                "queue_depth": spool.queue_depth()}
+                "queue_depth": spool.queue_depth(), "supervisor": supervision}
         return JSONResponse(Health.model_validate(info).model_dump(), status_code=503 if problem else 200)
 
     @app.get("/metrics")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from http_api.cluster_view import ClusterStatus, cluster_status
 from http_api.errors import ERROR_RESPONSES, APIError
-from http_api.events import heartbeat_problem
+from http_api.events import ring_problem
 from spool import Spool
 from spool.protocol import ControlDone, ControlRequest
 
@@ -37,7 +37,8 @@ class ResetPrefixCacheRequest(BaseModel):
 def _status(request: Request) -> ClusterStatus:
     spool: Spool = request.app.state.spool
     state = request.app.state
-    return cluster_status(spool.read_heartbeat(), spool.queue_depth(), state.settings, state.model.names)
+    return cluster_status(spool.read_heartbeat(), spool.read_supervision(), spool.queue_depth(), state.settings,
+                          state.model.names)
 
 
 @router.get("/v1/cluster", response_model=ClusterStatus, responses=ERROR_RESPONSES)
@@ -65,7 +66,7 @@ async def reset_prefix_cache(request: Request, body: ResetPrefixCacheRequest | N
     and wait for its answer."""
     settings = request.app.state.settings
     spool: Spool = request.app.state.spool
-    problem = heartbeat_problem(spool.read_heartbeat(), settings.ring_down_after)
+    problem = ring_problem(spool, settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
     control_id = spool.submit_control(ControlRequest(action="reset_prefix_cache"))

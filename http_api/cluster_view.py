@@ -1,5 +1,6 @@
 """The cluster as `GET /v1/cluster` and the dashboard show it: rank 0's heartbeat (each
-rank's record from the start, and rank 0's running figures) read into typed models."""
+rank's record from the start, and rank 0's running figures) and the supervisor's record,
+read into typed models."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 from config import Settings
 from http_api.events import heartbeat_problem
 from launcher.processes import ProcessRef, running
+from spool.protocol import Supervision
 
 
 class RankStatus(BaseModel):
@@ -31,7 +33,8 @@ class RankStatus(BaseModel):
     # False once the ring is down; for a rank on the API's machine, also whether its
     # process (pid and create time) still runs.
     alive: bool
-    restarts: int  # ring starts on this spool before this one: ranks start together
+    started_at: float | None = None  # Unix time its process started
+    restarts: int | None = None  # the supervisor's restarts of the ring (ranks restart together)
 
 
 class Throughput(BaseModel):
@@ -62,20 +65,26 @@ class ClusterStatus(BaseModel):
     served_names: list[str]  # the names requests give it (SERVED_MODEL_NAME)
     mode: str | None  # pipeline or tensor
     parallel: dict[str, Any]  # how the ranks share the model, and why
-    started_at: float | None  # Unix time the ring started
+    started_at: float | None  # Unix time rank 0's process started
     uptime_s: float | None
+    supervisor: Supervision | None  # None when the ring runs without one
     heartbeat_age_s: float | None
     ranks: list[RankStatus]
     load: ClusterLoad
     settings: dict[str, Any]  # the ring's (from its heartbeat) and the API's that matter
 
 
-def ring_problem(beat: dict | None, max_age: float) -> str | None:
-    """Why the ring does not serve now (no fresh heartbeat, or not ready), or None."""
+def serving_problem(beat: dict | None, supervision: Supervision | None, max_age: float) -> str | None:
+    """Why the ring does not serve now (no fresh heartbeat, not ready, the supervisor
+    restarting it or given up), or None; what /health and /v1/cluster say."""
     problem = heartbeat_problem(beat, max_age)
     if problem is None and beat.get("state") != "ready":
         problem = f"ring state is {beat.get('state')!r}"
         problem += f": {beat['reason']}" if beat.get("reason") else ""
+    if supervision is not None and supervision.state == "gave_up":
+        problem = f"the supervisor gave up: {supervision.reason}"
+    elif supervision is not None and supervision.state == "restarting" and problem:
+        problem = f"the supervisor is restarting the ring ({supervision.last_cause}); {problem}"
     return problem
 
 
@@ -87,7 +96,7 @@ def _alive(entry: dict, ring_up: bool, here: str) -> bool:
     return True
 
 
-def _rank(entry: dict, ring_up: bool, restarts: int, here: str) -> RankStatus:
+def _rank(entry: dict, ring_up: bool, restarts: int | None, here: str) -> RankStatus:
     footprint = entry.get("kv_footprint") or {}
     return RankStatus(
         rank=entry["rank"], host=entry.get("host", "?"), pid=entry.get("pid"),
@@ -95,17 +104,18 @@ def _rank(entry: dict, ring_up: bool, restarts: int, here: str) -> RankStatus:
         memory_total_bytes=entry.get("memory_total"), memory_available_bytes=entry.get("memory"),
         weights_bytes=entry.get("parameter_bytes"), kv_bytes_per_token=footprint.get("per_token"),
         blas=entry.get("blas"), device=entry.get("device"), alive=_alive(entry, ring_up, here),
-        restarts=restarts,
+        started_at=entry.get("created"), restarts=restarts,
     )
 
 
-def cluster_status(beat: dict | None, queue_depth: int, settings: Settings, served_names: list[str]) -> ClusterStatus:
-    """The cluster as rank 0's last heartbeat (`beat`) tells it."""
+def cluster_status(beat: dict | None, supervision: Supervision | None, queue_depth: int, settings: Settings,
+                   served_names: list[str]) -> ClusterStatus:
+    """The cluster as rank 0's last heartbeat (`beat`) and the supervisor tell it."""
     info = beat or {}
-    problem = ring_problem(beat, settings.heartbeat_timeout)
+    problem = serving_problem(beat, supervision, settings.heartbeat_timeout)
     now = time.time()
-    restarts = max(info.get("starts", 1) - 1, 0)
-    ranks = info.get("ranks") if isinstance(info.get("ranks"), list) else []
+    restarts = supervision.restarts if supervision is not None else None
+    ranks = [entry for entry in info.get("ranks") or [] if isinstance(entry, dict)]
     here = socket.gethostname()
     throughput = info.get("throughput") or {"bucket_s": 5, "tokens_per_s": []}
     load = ClusterLoad(
@@ -118,14 +128,14 @@ def cluster_status(beat: dict | None, queue_depth: int, settings: Settings, serv
         ttft_p50_s=info.get("ttft_p50_s"),
     )
     parallel = info.get("parallel") or {}
-    started = info.get("started_at")
+    started = ranks[0].get("created") if ranks else None
     api_settings = {"api_key_required": bool(settings.api_key), "default_max_tokens": settings.default_max_tokens,
                     "request_timeout": settings.request_timeout}
     return ClusterStatus(
         status="unavailable" if problem else "ok", reason=problem, state=info.get("state"), model=info.get("model"),
         served_names=served_names, mode=parallel.get("mode"), parallel=parallel, started_at=started,
-        uptime_s=round(now - started, 1) if started and problem is None else None,
+        uptime_s=round(now - started, 1) if started and problem is None else None, supervisor=supervision,
         heartbeat_age_s=round(now - info["time"], 2) if isinstance(info.get("time"), (int, float)) else None,
-        ranks=[_rank(entry, problem is None, restarts, here) for entry in ranks if isinstance(entry, dict)],
+        ranks=[_rank(entry, problem is None, restarts, here) for entry in ranks],
         load=load, settings=(info.get("settings") or {}) | api_settings,
     )

@@ -39,6 +39,16 @@ def heartbeat_problem(beat: dict | None, max_age: float) -> str | None:
     return None
 
 
+def ring_problem(spool: Spool, ring_down_after: float) -> str | None:
+    """Why requests should not wait for the ring: the supervisor gave up on it, or rank
+    0's heartbeat is older than RING_DOWN_AFTER; None while it is there or coming back."""
+    supervision = spool.read_supervision()
+    if supervision is not None and supervision.state == "gave_up":
+        return f"the supervisor gave up: {supervision.reason}"
+    problem = heartbeat_problem(spool.read_heartbeat(), ring_down_after)
+    return None if problem is None else f"{problem}, past RING_DOWN_AFTER={ring_down_after:g} s"
+
+
 class StreamWaker:
     """Wakes the readers of requests whose stream file changed. With inotify a reader sleeps
     until rank 0 writes, re-reading every `recheck` s all the same in case a change went
@@ -127,10 +137,10 @@ class EventFeed:
                 log.warning("request %s timed out after %.0f s", self.request_id, now - self.queued_at)
                 raise APIError(504, "no result from the ring within REQUEST_TIMEOUT", code="timeout")
             if now >= next_beat:
-                problem = heartbeat_problem(self.spool.read_heartbeat(), self._ring_down_after)
+                problem = ring_problem(self.spool, self._ring_down_after)
                 if problem is not None:
                     log.warning("request %s given up: the ring is down (%s)", self.request_id, problem)
-                    raise APIError(503, f"the ring is down ({problem}) past RING_DOWN_AFTER",
+                    raise APIError(503, f"the ring is down ({problem})",
                                    code="ring_unavailable")
                 next_beat = now + HEARTBEAT_CHECK
             if now >= keepalive_at:

@@ -69,4 +69,4 @@ class FrontDoor:
 
 
 def _too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"request body larger than {max_bytes} bytes", code="request_too_large")
+    return APIError(413, f"request body larger than {max_bytes} bytes (MAX_REQUEST_BYTES)", code="request_too_large")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from http_api.grammar import json_grammar
-from spool.protocol import SamplingParams, Usage
+from spool.protocol import SamplingParams, Supervision, Usage
 
 MAX_STOP_STRINGS = 16
 
@@ -346,3 +346,4 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     reason: str | None = None
     queue_depth: int
+    supervisor: Supervision | None = None  # None when the ring runs without one

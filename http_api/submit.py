@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 
 from config import Settings
 from http_api.errors import APIError
-from http_api.events import EventFeed, heartbeat_problem
+from http_api.events import EventFeed, ring_problem
 from http_api.logprobs import LogprobText
 from http_api.replies import ChatReply, CompletionReply
 from http_api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -91,7 +91,7 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
         raise APIError(400, "the prompt is empty", param=work.param)
     budget = max_tokens(work.requested_max_tokens, len(work.prompt), settings, work.param)
     check_vocabulary(work.sampling, state.model.vocab_size)
-    problem = heartbeat_problem(state.spool.read_heartbeat(), settings.ring_down_after)
+    problem = ring_problem(state.spool, settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
     sampling = work.sampling

@@ -5,8 +5,9 @@ when all of it is up."""
 from __future__ import annotations
 
 from launcher.hosts import Layout
-from launcher.readiness import api_url, health, read_heartbeat
-from launcher.run_state import ranks_from_heartbeat, running_api, running_ring
+from launcher.readiness import Heartbeat, api_url, health, read_heartbeat
+from launcher.processes import running
+from launcher.run_state import load_supervisor, ranks_from_heartbeat, running_api, running_ring
 
 ROW = "{:<5} {:<22} {:<16} {:<8} {:<8} {:<9} {:<10} {:<6} {}"
 ALIVE = {True: "yes", False: "no", None: "unreachable"}
@@ -69,4 +70,18 @@ def status(layout: Layout) -> int:
     else:
         print("api: not running")
         up = False
-    return 0 if up else 1
+    return 0 if supervisor_line(layout, beat) and up else 1
+
+
+def supervisor_line(layout: Layout, beat: Heartbeat) -> bool:
+    """The supervisor's state, restarts and last cause; False when it should run and does not."""
+    ref = load_supervisor(layout.settings.run_dir)
+    alive = ref is not None and running(ref) is not None
+    line = f"supervisor: pid {ref.pid}" if alive else "supervisor: not running"
+    record = beat.supervision
+    if record is not None:
+        line += f", {record.state.replace('_', ' ')}; ring restarts {record.restarts}, API restarts {record.api_restarts}"
+        line += f"; last cause: {record.last_cause}" if record.last_cause else ""
+        line += f"; gave up: {record.reason}" if record.state == "gave_up" else ""
+    print(line + ("" if layout.settings.supervise else " (SUPERVISE=false)"))
+    return alive or not layout.settings.supervise

@@ -156,3 +156,16 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(line: bytes) -> Event:
     return _EVENT.validate_json(line)
+
+
+class Supervision(BaseModel):
+    """What the supervisor (launcher/supervisor.py) last said, kept beside rank 0's
+    heartbeat: `/health`, the streams waiting on a ring that will not come back, and
+    `launch.sh status` read it."""
+
+    state: Literal["watching", "restarting", "gave_up"]
+    restarts: int = 0  # of the ring, since `start`
+    api_restarts: int = 0
+    last_cause: Optional[str] = None  # why the ring was last restarted
+    reason: Optional[str] = None  # why the supervisor gave up
+    time: float = 0.0

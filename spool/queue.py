@@ -14,6 +14,7 @@ Layout under the root (directories 0700, files 0600):
                          kept (never purged) for a person to look at
     tmp/                 files being written, renamed into place when complete
     heartbeat.json       rank 0's latest status
+    supervision.json     the supervisor's latest word (restarts, last cause, given up)
 
 A request moves between incoming/, claimed/ and done/ only by rename, which is atomic,
 so it is always in exactly one of them. Ids are made here, sort by submission time and
@@ -33,8 +34,8 @@ from pydantic import ValidationError
 
 from spool.notify import DirWatch, watch_dir
 from spool.protocol import (
-    TERMINAL, ControlDone, ControlRequest, Delta, Event, Failed, Final, Requeued, SpoolRequest, Usage, decode_event,
-    encode_event,
+    TERMINAL, ControlDone, ControlRequest, Delta, Event, Failed, Final, Requeued, SpoolRequest, Supervision, Usage,
+    decode_event, encode_event,
 )
 
 _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
@@ -63,6 +64,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def stuck_since_requeued(events: list[Event]) -> bool:
+    """Whether a request was requeued before and has streamed no token since."""
+    for event in reversed(events):
+        if isinstance(event, Requeued):
+            return True
+        if isinstance(event, Delta) and event.token_ids:
+            return False
+    return False
+
+
 class Spool:
     """The spool directory; every method is safe to call from several processes."""
 
@@ -80,6 +91,7 @@ class Spool:
         self._quarantine = self.root / "quarantine"
         self._control = self.root / "control"
         self._heartbeat = self.root / "heartbeat.json"
+        self._supervision = self.root / "supervision.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
 
     # -- helpers ---------------------------------------------------------------
@@ -159,7 +171,8 @@ class Spool:
         return [token for e in events if isinstance(e, Delta) for token in e.token_ids]
 
     def watch_streams(self) -> DirWatch | None:
-        """A watch whose changed() names the requests with new events (None without inotify)."""
+        """A watch whose changed() names the requests with new events (None where the
+        system offers no notifications, so readers poll)."""
         return watch_dir(self._streams, writes=True)
 
     def queue_depth(self) -> int:
@@ -173,6 +186,20 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return None
         return info if isinstance(info, dict) else None
+
+    def read_supervision(self) -> Supervision | None:
+        """The supervisor's latest record, or None when no supervisor wrote one."""
+        try:
+            return Supervision.model_validate_json(self._supervision.read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
+
+    def write_supervision(self, record: Supervision | None) -> None:
+        """Replace the record; None removes it (a start or stop ends what it said)."""
+        if record is None:
+            self._supervision.unlink(missing_ok=True)
+        else:
+            self._write_atomic(self._supervision, record.model_dump_json().encode(), durable=False)
 
     def submit_control(self, control: ControlRequest) -> str:
         """Queue an operation on the ring for rank 0; return its id."""
@@ -237,8 +264,11 @@ class Spool:
 
         One whose final event was written already only missed its move to done/; one
         cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled;
-        one requeued before (in flight during the last failure too, so perhaps its cause)
-        is ended with an error and quarantined rather than retried forever.
+        one requeued before that has streamed no token since (in flight during the last
+        failure too, and stuck where it was: perhaps its cause) is ended with an error and
+        quarantined rather than retried forever. One that made progress since is requeued
+        again: a ring that fails twice while a long stream runs does not cost it its answer,
+        and one that fails at the same token is quarantined at the next failure.
         """
         requeued, quarantined = [], []
         for request_id in self._ids(self._claimed):
@@ -249,9 +279,9 @@ class Spool:
             if self.is_cancelled(request_id):
                 self._withdraw(request_id, self._claimed)
                 continue
-            if any(isinstance(e, Requeued) for e in events):
+            if stuck_since_requeued(events):
                 self.append(request_id, Failed(message="quarantined: this request was in flight during two ring "
-                                               "failures in a row", code="quarantined"))
+                                               "failures in a row, with no token in between", code="quarantined"))
                 os.rename(self._claimed / f"{request_id}.json", self._quarantine / f"{request_id}.json")
                 quarantined.append(request_id)
                 continue

@@ -37,6 +37,7 @@ from http_api import create_app
 from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
+from spool.notify import watchfiles_watch
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
 from models.tiny import VOCAB_SIZE, make_tiny_model
 
@@ -583,10 +584,13 @@ def test_real_ring_completion_and_health(ring: ApiServer, tiny_model: Path) -> N
     assert httpx.get(f"{ring.url}/health").json()["status"] == "ok"
 
 
-def test_readers_poll_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path,
-                                      monkeypatch) -> None:
-    """A second front on the real rank's spool, whose stream readers poll."""
-    monkeypatch.setattr(Spool, "watch_streams", lambda self: None)
+@pytest.mark.parametrize("watcher", ["polling", "watchfiles"])
+def test_readers_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path, monkeypatch,
+                                 watcher: str) -> None:
+    """A second front on the real rank's spool, whose stream readers poll (no
+    notifications at all) or are woken by watchfiles (as on macOS)."""
+    watch = (lambda self: None) if watcher == "polling" else (lambda self: watchfiles_watch(self.root / "streams", True))
+    monkeypatch.setattr(Spool, "watch_streams", watch)
     messages = [{"role": "user", "content": "hi"}]
     reference = _mlx_lm_greedy(tiny_model, messages, 16)
     with ApiServer(_ring_settings(tiny_model, real_ring[0].settings.spool_dir)) as api:

@@ -116,7 +116,8 @@ function drawCards(view) {
       meter,
       div("line muted", `weights ${bytes(rank.weights_bytes)} + KV reserved ≤ ${bytes(view.load.kv_reserved_bytes)}`),
       div("line", `${rank.device || "?"} · BLAS ${(rank.blas || "?").split(" ")[0]}`),
-      div("line muted", `pid ${rank.pid ?? "?"} · restarts ${rank.restarts}`),
+      div("line muted", `pid ${rank.pid ?? "?"} · up ${duration(Date.now() / 1000 - rank.started_at)}`
+        + ` · restarts ${rank.restarts ?? "–"}`),
     );
     return card;
   });
