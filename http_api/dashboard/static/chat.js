@@ -109,8 +109,9 @@ async function send(message) {
     // Tokens after the first over the time they took: decode speed, as bench/ reports it.
     const rate = tokens > 1 && seconds > 0 ? ((tokens - 1) / seconds).toFixed(1) : "–";
     const ttft = first === null ? "–" : `${((first - sent) / 1000).toFixed(2)} s`;
+    const cached = usage?.prompt_tokens_details?.cached_tokens;
     stats(`${tokens} tokens · ${rate} tokens/s · first token after ${ttft}`
-      + (usage?.prompt_tokens_details?.cached_tokens ? ` · ${usage.prompt_tokens_details.cached_tokens} prompt tokens cached` : ""));
+      + (cached ? ` · ${cached} prompt tokens cached` : ""));
   } catch (err) {
     if (err.name === "AbortError" || running.signal.aborted) {
       stats("stopped");

@@ -58,8 +58,9 @@ function hop(from, to) {
   const [x1, y1] = onRing(from + gap);
   const [x2, y2] = onRing(to - gap);
   const large = to - from - 2 * gap > Math.PI ? 1 : 0;
+  const r = RING.radius;
   return svg("path", {
-    d: `M${x1.toFixed(1)},${y1.toFixed(1)} A${RING.radius},${RING.radius} 0 ${large} 1 ${x2.toFixed(1)},${y2.toFixed(1)}`,
+    d: `M${x1.toFixed(1)},${y1.toFixed(1)} A${r},${r} 0 ${large} 1 ${x2.toFixed(1)},${y2.toFixed(1)}`,
     class: "hop", "marker-end": "url(#arrow)",
   });
 }
@@ -114,10 +115,11 @@ function drawCards(view) {
       div("rank-layers", holding(rank, layerCount)),
       div("line", `memory ${bytes(used)} of ${bytes(rank.memory_total_bytes)}`),
       meter,
-      div("line muted", `weights ${bytes(rank.weights_bytes)} + KV reserved ≤ ${bytes(view.load.kv_reserved_bytes)}`),
+      div("line muted", `weights ${bytes(rank.weights_bytes)} · KV ≤ ${bytes(view.load.kv_reserved_bytes)}`),
       div("line", `${rank.device || "?"} · BLAS ${(rank.blas || "?").split(" ")[0]}`),
+      // Restarts are the supervisor's: none to show when the ring runs without one.
       div("line muted", `pid ${rank.pid ?? "?"} · up ${duration(Date.now() / 1000 - rank.started_at)}`
-        + ` · restarts ${rank.restarts ?? "–"}`),
+        + (rank.restarts === null ? "" : ` · ${rank.restarts} restarts`)),
     );
     return card;
   });
@@ -154,8 +156,13 @@ function drawChart(view) {
   const top = Math.max(1, ...rates);
   const [width, height] = [300, 100];
   const step = rates.length > 1 ? width / (rates.length - 1) : width;
-  const points = rates.map((rate, i) => `${(i * step).toFixed(1)},${(height - (rate / top) * (height - 8)).toFixed(1)}`);
-  for (const y of [0.25, 0.5, 0.75]) chart.append(svg("line", { x1: 0, x2: width, y1: height * y, y2: height * y, class: "grid" }));
+  const points = rates.map((rate, i) => {
+    const y = height - (rate / top) * (height - 8);
+    return `${(i * step).toFixed(1)},${y.toFixed(1)}`;
+  });
+  for (const share of [0.25, 0.5, 0.75]) {
+    chart.append(svg("line", { x1: 0, x2: width, y1: height * share, y2: height * share, class: "grid" }));
+  }
   if (points.length) {
     chart.append(svg("polygon", { points: `0,${height} ${points.join(" ")} ${width},${height}`, class: "area" }));
     chart.append(svg("polyline", { points: points.join(" "), class: "line" }));

@@ -3,7 +3,13 @@
 // answers use: paragraphs, headings, lists, quotes, fenced code, and inline code,
 // bold, italic and links.
 
-const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(\S[\s\S]*?)\*\*|__(\S[\s\S]*?)__|\*(\S[^*]*?)\*|\b_(\S[^_]*?)_\b|\[([^\]\n]+)\]\(([^)\s]+)\)/g;
+// Groups: code (1, 2), bold (3, 4), italic (5, 6), link (7, 8).
+const INLINE = new RegExp([
+  /(`+)([\s\S]*?[^`])\1(?!`)/.source,
+  /\*\*(\S[\s\S]*?)\*\*|__(\S[\s\S]*?)__/.source,
+  /\*(\S[^*]*?)\*|\b_(\S[^_]*?)_\b/.source,
+  /\[([^\]\n]+)\]\(([^)\s]+)\)/.source,
+].join("|"), "g");
 const SAFE_URL = /^(https?:|mailto:)/i;
 
 function el(tag, children = []) {
