@@ -14,6 +14,7 @@ import httpx
 import pytest
 from test_api import AUTH, ApiServer, RankProcess, _error, _settings, _wait_for, ring_and_api
 
+from distributed.serving_stats import BUCKET_S, BUCKETS, ServingStats
 from http_api.cluster_view import ClusterStatus
 from models.tiny import make_tiny_model
 from spool.protocol import Supervision
@@ -47,9 +48,33 @@ def _cached_tokens(api: ApiServer) -> tuple[int, int]:
     return reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens
 
 
+def test_serving_stats() -> None:
+    """Rank 0's figures: tokens/s per whole bucket of the last minutes (the one under way
+    left out), the median time to first token, prompt-cache hits and misses."""
+    now = 100 * BUCKET_S
+    stats = ServingStats(clock=lambda: now)
+    for _ in range(10):
+        stats.token()
+    now += 2 * BUCKET_S + 1  # a bucket with nothing, then one with 5 tokens
+    for _ in range(5):
+        stats.token()
+    assert stats.throughput()[-2:] == [10 / BUCKET_S, 0.0]  # the bucket of the 5 is under way
+    now += BUCKET_S
+    rates = stats.throughput()
+    assert len(rates) == BUCKETS and rates[-3:] == [10 / BUCKET_S, 0.0, 5 / BUCKET_S] and sum(rates[:-3]) == 0
+    for ttft, cached in ((0.2, 0), (0.4, 12), (0.3, 0)):
+        stats.answered(ttft, cached)
+    record = stats.record()
+    assert (record["generated_tokens"], record["ttft_p50_s"]) == (15, 0.3)
+    assert (record["prompt_cache_hits"], record["prompt_cache_misses"]) == (1, 2)
+    now += BUCKETS * BUCKET_S  # out of the window
+    assert sum(stats.throughput()) == 0
+
+
 def test_without_a_ring(model: Path, tmp_path: Path) -> None:
     with ApiServer(_settings(model, tmp_path / "spool")) as api:
         assert httpx.get(f"{api.url}/v1/cluster").status_code == 401  # the key is needed on /v1/
+        assert httpx.post(f"{api.url}/v1/cluster/reset_prefix_cache").status_code == 401
         status = _cluster(api)
         assert status.status == "unavailable" and status.reason == "no heartbeat from rank 0"
         assert status.ranks == [] and status.load.active == 0 and status.settings["api_key_required"] is True
