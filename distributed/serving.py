@@ -11,8 +11,10 @@ from functools import partial
 from typing import Optional
 
 from distributed.cluster import Cluster
+from distributed.control import carry_out_controls
 from distributed.limits import RequestError
 from distributed.sequence import TokenResult
+from distributed.serving_stats import ServingStats, ring_settings
 from distributed.text_stream import TextStream
 from models import served_name
 from spool import Spool
@@ -57,6 +59,7 @@ class Serving:
 
     def __init__(self, cluster: Cluster, settings, spool: Spool):
         self.cluster = cluster
+        self.stats = ServingStats()
         self.scheduler = cluster.scheduler
         self.settings = settings
         self.spool = spool
@@ -86,6 +89,8 @@ class Serving:
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
+                "settings": ring_settings(self.settings),
+                **self.stats.record(),
             }
         )
         if now >= self.next_purge:
@@ -102,6 +107,7 @@ class Serving:
         events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
+            carry_out_controls(self.spool, self.scheduler)
             self.admit()
             if self.scheduler.busy or events:
                 # The next steps start first, so the ring computes while the last
@@ -177,6 +183,7 @@ class Serving:
         reply = self.replies[result.seq]
         reply.first_token = reply.first_token or time.perf_counter()
         if result.in_completion:
+            self.stats.token()
             reply.completion += 1
             reply.unwritten.append(result.token)
             if reply.logprobs is not None:
@@ -215,6 +222,7 @@ class Serving:
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
+        self.stats.answered(timings.time_to_first_token, reply.cached_tokens)
         final = Final(finish_reason=finish_reason, stop_sequence=stop_sequence, usage=usage, timings=timings)
         self.spool.finish(reply.request_id, final)
         log.info(

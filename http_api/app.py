@@ -13,7 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings, load_settings
+from http_api import cluster
 from http_api.anthropic import routes as anthropic_routes
+from http_api.cluster_view import serving_problem
+from http_api.dashboard import install_dashboard
 from http_api.errors import ERROR_RESPONSES, install_error_handlers
 from http_api.events import StreamWaker, heartbeat_problem
 from http_api.metrics import Metrics
@@ -61,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["*"], max_age=600)
     install_error_handlers(app)
     app.include_router(anthropic_routes.router)
+    app.include_router(cluster.router)
+    install_dashboard(app)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -82,14 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool: Spool = request.app.state.spool
         beat = spool.read_heartbeat()
         supervision = spool.read_supervision()
-        problem = heartbeat_problem(beat, settings.heartbeat_timeout)
-        if problem is None and beat.get("state") != "ready":
-            problem = f"ring state is {beat.get('state')!r}"
-            problem += f": {beat['reason']}" if beat.get("reason") else ""
-        if supervision is not None and supervision.state == "gave_up":
-            problem = f"the supervisor gave up: {supervision.reason}"
-        elif supervision is not None and supervision.state == "restarting" and problem:
-            problem = f"the supervisor is restarting the ring ({supervision.last_cause}); {problem}"
+        problem = serving_problem(beat, supervision, settings.heartbeat_timeout)
         info = {**(beat or {}), "status": "unavailable" if problem else "ok", "reason": problem,
                 "queue_depth": spool.queue_depth(), "supervisor": supervision}
         return JSONResponse(Health.model_validate(info).model_dump(), status_code=503 if problem else 200)

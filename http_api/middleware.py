@@ -10,7 +10,8 @@ from http_api.errors import APIError, error_json
 from http_api.metrics import Metrics
 
 _KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
-                "/v1/models", "/health", "/metrics"}
+                "/v1/models", "/health", "/metrics", "/", "/v1/cluster", "/v1/cluster/events",
+                "/v1/cluster/reset_prefix_cache"}
 
 
 class FrontDoor:

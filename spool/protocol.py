@@ -129,6 +129,20 @@ class Failed(BaseModel):
     status: int = 500
 
 
+class ControlRequest(BaseModel):
+    """An operation on the ring itself rather than a generation, queued by the API."""
+
+    action: Literal["reset_prefix_cache"]
+
+
+class ControlDone(BaseModel):
+    """Rank 0 carried out a `ControlRequest`: what the prompt cache held before the reset."""
+
+    action: Literal["reset_prefix_cache"]
+    dropped_entries: int = 0
+    dropped_tokens: int = 0
+
+
 Event = Annotated[Union[Started, Delta, Requeued, Final, Failed], Field(discriminator="type")]
 TERMINAL = (Final, Failed)
 

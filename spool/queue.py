@@ -8,6 +8,8 @@ Layout under the root (directories 0700, files 0600):
     streams/<id>.jsonl   the request's events, one JSON object a line: started (rank 0
                          admitted it), delta, requeued, then final or error
     cancel/<id>          cancel marker
+    control/<id>.json    an operation on the ring (the dashboard's), waiting for rank 0
+    control/<id>.done    rank 0's answer to it, taken by the API
     quarantine/<id>.json in flight during two ring failures in a row: ended with an error,
                          kept (never purged) for a person to look at
     tmp/                 files being written, renamed into place when complete
@@ -32,15 +34,15 @@ from pydantic import ValidationError
 
 from spool.notify import DirWatch, watch_dir
 from spool.protocol import (
-    TERMINAL, Delta, Event, Failed, Final, Requeued, SpoolRequest, Supervision, Usage, decode_event,
-    encode_event,
+    TERMINAL, ControlDone, ControlRequest, Delta, Event, Failed, Final, Requeued, SpoolRequest, Supervision, Usage,
+    decode_event, encode_event,
 )
 
 _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _FALLBACK_POLL = 0.005  # seconds between looks at incoming/ without inotify
-_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine")
+_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine", "control")
 
 
 def check_id(request_id: str) -> str:
@@ -87,6 +89,7 @@ class Spool:
         self._cancel = self.root / "cancel"
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
+        self._control = self.root / "control"
         self._heartbeat = self.root / "heartbeat.json"
         self._supervision = self.root / "supervision.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
@@ -198,6 +201,26 @@ class Spool:
         else:
             self._write_atomic(self._supervision, record.model_dump_json().encode(), durable=False)
 
+    def submit_control(self, control: ControlRequest) -> str:
+        """Queue an operation on the ring for rank 0; return its id."""
+        control_id = _new_id()
+        self._write_atomic(self._control / f"{control_id}.json", control.model_dump_json().encode(), durable=False)
+        return control_id
+
+    def take_control_answer(self, control_id: str) -> ControlDone | None:
+        """Rank 0's answer to an operation, once there is one (removed as it is taken)."""
+        path = self._control / f"{check_id(control_id)}.done"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        path.unlink()
+        return ControlDone.model_validate_json(data)
+
+    def withdraw_control(self, control_id: str) -> None:
+        """Nobody waits for this operation any more: rank 0 need not carry it out."""
+        (self._control / f"{check_id(control_id)}.json").unlink(missing_ok=True)
+
     # -- rank-0 side -----------------------------------------------------------
 
     def claim(self) -> tuple[str, SpoolRequest] | None:
@@ -213,6 +236,27 @@ class Spool:
             except ValidationError as err:
                 self.finish(request_id, Failed(message=f"unreadable request: {err}", code="bad_request_file"))
         return None
+
+    def take_controls(self) -> list[tuple[str, ControlRequest]]:
+        """The operations waiting, oldest first, each taken out of the queue; an
+        unreadable one is dropped (its caller times out)."""
+        taken = []
+        for control_id in self._ids(self._control):
+            path = self._control / f"{control_id}.json"
+            try:
+                data = path.read_bytes()
+                path.unlink()
+            except FileNotFoundError:
+                continue  # withdrawn meanwhile
+            try:
+                taken.append((control_id, ControlRequest.model_validate_json(data)))
+            except ValidationError:
+                continue
+        return taken
+
+    def answer_control(self, control_id: str, done: ControlDone) -> None:
+        self._write_atomic(self._control / f"{check_id(control_id)}.done", done.model_dump_json().encode(),
+                           durable=False)
 
     def requeue_claimed(self) -> tuple[list[str], list[str]]:
         """Put requests left in claimed/ by a dead rank 0 back in incoming/, to resume
@@ -287,6 +331,7 @@ class Spool:
             removed += 1
         pending = {*self._ids(self._incoming), *self._ids(self._claimed)}
         strays = [p for p in self._cancel.iterdir() if p.name not in pending]
+        strays += self._control.glob("*.done")  # answers whose caller gave up
         for path in (*strays, *self._tmp.iterdir()):
             try:
                 if path.stat().st_mtime < cutoff:
