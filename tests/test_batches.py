@@ -1,0 +1,176 @@
+"""OpenAI's Files and Batches APIs through the official openai client: the file routes and
+a batch's validation with no rank at all, then batches on the real rank 0 (a tiny model):
+answers checked against single-process mlx-lm, ring and API restarts mid-batch, cancel,
+and an interactive request's time to first token while a batch runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+from test_api import AUTH, ApiServer, RankProcess, _metric, _mlx_lm_greedy, _ring_settings, _settings, \
+    _wait_for, ring_and_api
+
+from models.tiny import make_tiny_model
+from spool.batches import line_request_id
+from spool.protocol import Final, Requeued
+
+BATCH_MAX_ACTIVE = 4
+QUESTIONS = ["Tell me about the harbour.", "Name a colour.", "What is the weather like?", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("model") / "llama")
+
+
+def chat_line(custom_id: str, model: str, question: str, max_tokens: int) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": question}],
+                     "max_tokens": max_tokens, "temperature": 0}}
+
+
+def completion_line(custom_id: str, model: str, prompt: str, max_tokens: int) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}}
+
+
+def jsonl(lines: list[dict | str]) -> bytes:
+    """Lines as a batch input file; a str is written as it is (a malformed line)."""
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+def upload(client: openai.OpenAI, data: bytes) -> str:
+    return client.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch").id
+
+
+def wait_batch(client: openai.OpenAI, batch_id: str, until, timeout: float = 120):
+    """The batch once `until(batch)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(0.1)
+
+
+def ended(batch) -> bool:
+    return batch.status in ("completed", "failed", "cancelled", "expired")
+
+
+def answered(batch) -> int:
+    return batch.request_counts.completed + batch.request_counts.failed
+
+
+def file_lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+# ---------------------------------------------------------------------------
+# No rank: files, validation, cancel of a batch that never ran
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def front(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    settings = _settings(tiny_model, tmp_path_factory.mktemp("front") / "spool", max_batch_file_mb=1)
+    with ApiServer(settings) as server:
+        yield server
+
+
+def test_files_round_trip(front: ApiServer) -> None:
+    client = front.client()
+    data = jsonl([chat_line("a", "m", "hi", 4)])
+    uploaded = client.files.create(file=("mine.jsonl", io.BytesIO(data)), purpose="batch")
+    assert (uploaded.filename, uploaded.bytes, uploaded.purpose) == ("mine.jsonl", len(data), "batch")
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    assert client.files.content(uploaded.id).content == data
+    assert uploaded.id in [f.id for f in client.files.list()]
+    stored = front.settings.spool_dir / "files" / f"{uploaded.id}.data"
+    assert stored.stat().st_mode & 0o777 == 0o600 and stored.parent.stat().st_mode & 0o777 == 0o700
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_files_refusals(front: ApiServer) -> None:
+    client = front.client()
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="expires_after"):
+        client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    big = b"x" * (2**20 + 1)  # MAX_BATCH_FILE_MB is 1
+    with pytest.raises(openai.APIStatusError) as err:
+        client.files.create(file=("big.jsonl", io.BytesIO(big)), purpose="batch")
+    assert err.value.status_code == 413 and err.value.body["code"] == "file_too_large"
+    # Ids that are no file's reach no path: the spool's own files stay out of reach.
+    (front.settings.spool_dir / "files" / "secret.data").write_text("hidden-bytes")
+    for bad in ("secret", "file-..", "..%2Fheartbeat.json", "file-" + "0" * 24):
+        response = httpx.get(f"{front.url}/v1/files/{bad}/content", headers=AUTH)
+        assert response.status_code == 404 and "hidden-bytes" not in response.text
+
+
+def test_batch_validation_lists_bad_lines_and_fails_with_none_good(front: ApiServer, tiny_model: Path) -> None:
+    client = front.client()
+    model = str(tiny_model)
+    bad_lines = ["{not json", json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}),
+                 json.dumps(chat_line("y", "no-such-model", "hi", 4)),
+                 json.dumps(completion_line("z", model, "hi", 4)),  # the batch is for chat completions
+                 json.dumps(chat_line("s", model, "hi", 4) | {"body": {"model": model, "stream": True,
+                                                                       "messages": [{"role": "user", "content": "hi"}]}})]
+    batch = client.batches.create(input_file_id=upload(client, jsonl(bad_lines)), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert batch.status == "validating"
+    batch = wait_batch(client, batch.id, ended, timeout=30)
+    assert batch.status == "failed" and batch.failed_at
+    errors = {e.line: (e.code, e.param) for e in batch.errors.data}
+    assert errors == {1: ("invalid_json", None), 2: ("invalid_value", "body"), 3: ("model_not_found", "body.model"),
+                      4: ("invalid_value", "url"), 5: ("invalid_value", "body.stream")}
+    with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+        client.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/chat/completions",
+                              completion_window="24h", output_expires_after={"anchor": "created_at", "seconds": 3600})
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-" + "1" * 24, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_../../heartbeat")
+
+
+def test_cancel_before_the_ring_runs_anything_and_pagination(front: ApiServer, tiny_model: Path) -> None:
+    """No rank: the lines wait in the spool; cancelled, they are withdrawn, and the batch
+    ends cancelled with nothing answered (its one bad line aside)."""
+    client = front.client()
+    lines = [chat_line(f"c{i}", str(tiny_model), "hi", 4) for i in range(6)] + ["oops"]
+    file_id = upload(client, jsonl(lines))
+    created = [client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                     completion_window="24h") for _ in range(3)]
+    batch = wait_batch(client, created[-1].id, lambda b: b.status == "in_progress", timeout=30)
+    assert batch.request_counts.total == 7 and batch.request_counts.failed == 1
+    with pytest.raises(openai.BadRequestError, match="has not ended"):
+        client.files.delete(file_id)
+    for made in created:
+        assert client.batches.cancel(made.id).status == "cancelling"
+    batch = wait_batch(client, created[-1].id, ended, timeout=30)
+    assert batch.status == "cancelled" and batch.request_counts.completed == 0
+    assert batch.output_file_id is None and len(file_lines(client, batch.error_file_id)) == 1
+    assert client.batches.cancel(batch.id).status == "cancelled"
+    failed = client.batches.create(input_file_id=upload(client, b"oops\n"), endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    wait_batch(client, failed.id, ended, timeout=30)
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(failed.id)
+    page = client.batches.list(limit=2)
+    assert [b.id for b in page.data] == [failed.id, created[-1].id] and page.has_more
+    everything = [b.id for b in client.batches.list(limit=2)]  # the client follows `after`, 2 at a time
+    assert everything[:4] == [failed.id, *reversed([b.id for b in created])]
+    assert len(everything) == len(set(everything))
