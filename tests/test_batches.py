@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,8 @@ import pytest
 from test_api import AUTH, ApiServer, RankProcess, _metric, _mlx_lm_greedy, _ring_settings, _settings, \
     _wait_for, ring_and_api
 
+from conftest import rank_env
+from config import REPO_DIR
 from models.tiny import make_tiny_model
 from spool.batches import line_request_id
 from spool.protocol import Final, Requeued
@@ -146,9 +149,11 @@ def test_batch_validation_lists_bad_lines_and_fails_with_none_good(front: ApiSer
         client.batches.retrieve("batch_../../heartbeat")
 
 
-def test_cancel_before_the_ring_runs_anything_and_pagination(front: ApiServer, tiny_model: Path) -> None:
-    """No rank: the lines wait in the spool; cancelled, they are withdrawn, and the batch
-    ends cancelled with nothing answered (its one bad line aside)."""
+def test_cancel_before_the_ring_runs_anything_and_pagination(front: ApiServer, tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    """No rank: the lines wait in the spool (`launch.sh status` shows the batches under
+    way); cancelled, they are withdrawn, and the batch ends cancelled with nothing answered
+    (its one bad line aside)."""
     client = front.client()
     lines = [chat_line(f"c{i}", str(tiny_model), "hi", 4) for i in range(6)] + ["oops"]
     file_id = upload(client, jsonl(lines))
@@ -158,6 +163,10 @@ def test_cancel_before_the_ring_runs_anything_and_pagination(front: ApiServer, t
     assert batch.request_counts.total == 7 and batch.request_counts.failed == 1
     with pytest.raises(openai.BadRequestError, match="has not ended"):
         client.files.delete(file_id)
+    status = subprocess.run([str(REPO_DIR / "launch.sh"), "status"], capture_output=True, text=True, timeout=120,
+                            env=rank_env({"SPOOL_DIR": str(front.settings.spool_dir), "RUN_DIR": str(tmp_path)}))
+    for made in created:
+        assert f"batch {made.id}: in_progress, 1/7 lines answered (1 failed)" in status.stdout, status.stdout
     for made in created:
         assert client.batches.cancel(made.id).status == "cancelling"
     batch = wait_batch(client, created[-1].id, ended, timeout=30)
