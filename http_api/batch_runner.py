@@ -49,13 +49,21 @@ class Job:
     running: dict[int, asyncio.Task] = field(default_factory=dict)
     stopping: bool = False  # cancelled or expired: no new line starts
     saved_at: float = 0.0  # time.monotonic() of the last save of its counts
+    cursor: int = 0  # lines before it are answered or running: lines start in order
 
     def counts(self) -> RequestCounts:
         return RequestCounts(total=len(self.lines), completed=len(self.answered) - len(self.failed),
                              failed=len(self.failed))
 
-    def unanswered(self) -> list[tuple[int, bytes]]:
-        return [(n, raw) for n, raw in self.lines if n not in self.answered and n not in self.running]
+    def take(self, count: int) -> list[tuple[int, bytes]]:
+        """The next `count` lines to start (fewer at the end): unanswered, in order."""
+        taken: list[tuple[int, bytes]] = []
+        while len(taken) < count and self.cursor < len(self.lines):
+            number, raw = self.lines[self.cursor]
+            self.cursor += 1
+            if number not in self.answered:
+                taken.append((number, raw))
+        return taken
 
 
 class BatchRunner:
@@ -76,7 +84,10 @@ class BatchRunner:
         try:
             while True:
                 if self._owns_batches():
-                    await self._tick()
+                    try:
+                        await self._tick()
+                    except Exception:
+                        log.exception("batch runner: tick failed; trying again")
                 try:
                     async with asyncio.timeout(POLL):
                         await self.wake.wait()
@@ -110,7 +121,7 @@ class BatchRunner:
         room = self.state.settings.batch_max_active * WINDOW_PER_ACTIVE - sum(
             len(job.running) for job in self.jobs.values())
         for job in list(self.jobs.values()):
-            for number, raw in [] if job.stopping else job.unanswered()[:max(room, 0)]:
+            for number, raw in [] if job.stopping else job.take(max(room, 0)):
                 job.running[number] = asyncio.create_task(self._answer(job, number, raw))
                 room -= 1
             if not job.running and (job.stopping or len(job.answered) == len(job.lines)):
@@ -205,17 +216,17 @@ class BatchRunner:
         """Publish the batch's output and error files and end it. Done again from the start
         after a crash: the files' ids are the batch's own, so each is published once."""
         batch, now = job.batch, int(time.time())
-        batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now
-        self.store.save(batch)
+        if batch.status != "finalizing":  # else its counts were saved before its files moved
+            batch.status, batch.finalizing_at, batch.request_counts = "finalizing", now, job.counts()
+            self.store.save(batch)
         for kind in ("output", "errors"):
             path, file_id = self.store.answers(batch.id, kind), derived_file_id(batch.id, kind)
             if self.files.get(file_id) or (path.exists() and path.stat().st_size):
                 self.files.adopt(file_id, f"{batch.id}_{kind}.jsonl", "batch_output", path)
                 setattr(batch, "output_file_id" if kind == "output" else "error_file_id", file_id)
-        batch.request_counts = job.counts()
         if self.store.cancel_requested(batch.id):
             batch.status, batch.cancelled_at = "cancelled", now
-        elif now >= batch.expires_at and len(job.answered) < len(job.lines):
+        elif now >= batch.expires_at and (counts := batch.request_counts).completed + counts.failed < counts.total:
             batch.status, batch.expired_at = "expired", now
         else:
             batch.status, batch.completed_at = "completed", now

@@ -102,7 +102,7 @@ async def cancel_batch(request: Request, batch_id: str) -> Batch:
     if batch.status in ENDED and batch.status != "cancelled":
         raise APIError(409, f"the batch is {batch.status}; only a running batch can be cancelled",
                        code="batch_not_running")
-    if batch.status != "cancelled":
+    if batch.status in ("validating", "in_progress"):
         store.request_cancel(batch.id)
         request.app.state.batch_runner.rescan = True
         request.app.state.batch_runner.wake.set()
