@@ -21,8 +21,9 @@ from test_api import AUTH, ApiServer, RankProcess, _metric, _mlx_lm_greedy, _rin
 from conftest import rank_env
 from config import REPO_DIR
 from models.tiny import make_tiny_model
+from spool import Spool
 from spool.batches import line_request_id
-from spool.protocol import Final, Requeued
+from spool.protocol import Final, Requeued, SpoolRequest
 
 BATCH_MAX_ACTIVE = 4
 QUESTIONS = ["Tell me about the harbour.", "Name a colour.", "What is the weather like?", "Count to three."]
@@ -79,8 +80,19 @@ def file_lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# No rank: files, validation, cancel of a batch that never ran
+# No rank: the spool's claim order, files, validation, cancel of a batch that never ran
 # ---------------------------------------------------------------------------
+
+
+def test_spool_claims_interactive_requests_before_batch_lines(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    request = SpoolRequest(kind="completion", model="m", prompt_tokens=[1], max_tokens=1, created=0)
+    line = spool.submit(request.model_copy(update={"batch": "batch_x"}), "00000000000000000001-00000000000a")
+    interactive = spool.submit(request)
+    assert line < interactive and spool.known(line) and not spool.known("00000000000000000002-00000000000a")
+    assert spool.claim()[0] == interactive  # the older batch line waits
+    assert spool.claim(take_batch=False) is None  # rank 0 at its BATCH_MAX_ACTIVE
+    assert spool.claim() == (line, request.model_copy(update={"batch": "batch_x"}))
 
 
 @pytest.fixture(scope="module")
