@@ -140,8 +140,10 @@ class BatchRunner:
                 if (job := await asyncio.to_thread(self._load, batch)) is not None:
                     self.jobs[batch.id] = job
         for job in self.jobs.values():
-            if not job.stopping and (self.store.cancel_requested(job.batch.id) or time.time() >= job.batch.expires_at):
-                self._stop(job)
+            if not job.stopping and (job.batch.status == "cancelling" or self.store.cancel_requested(job.batch.id)
+                                     or time.time() >= job.batch.expires_at):
+                job.stopping = True  # before its lines' cancels land: theirs is no failure
+                await asyncio.to_thread(self._stop, job)
 
     # -- one batch --------------------------------------------------------------
 
@@ -157,7 +159,7 @@ class BatchRunner:
             if not self._validate(batch, lines):
                 return None
         job = Job(batch, lines, *self._answered(batch, lines))
-        job.stopping = batch.status in ("cancelling", "finalizing")
+        job.stopping = batch.status == "finalizing"
         log.info("batch %s: %s, %d of %d lines answered", batch.id, batch.status, len(job.answered), len(lines))
         return job
 
@@ -203,13 +205,15 @@ class BatchRunner:
         return answered["output"] | answered["errors"], answered["errors"]
 
     def _stop(self, job: Job) -> None:
-        """Cancel (or expire) a batch: lines still queued or running are cancelled in the
-        spool; the answers written stay."""
-        job.stopping = True
-        job.batch.status, job.batch.cancelling_at = "cancelling", int(time.time())
+        """Cancel (or expire) a batch: every line queued in the spool and not answered is
+        cancelled there (a runner before this one may have queued some); the answers
+        written stay."""
+        job.batch.status, job.batch.cancelling_at = "cancelling", job.batch.cancelling_at or int(time.time())
         self.store.save(job.batch)
-        for number in job.running:
-            self.state.spool.cancel(line_request_id(job.batch, number))
+        spool = self.state.spool
+        for number in (n for n, _ in job.lines if n not in job.answered):
+            if spool.known(request_id := line_request_id(job.batch, number)):
+                spool.cancel(request_id)
         log.info("batch %s: stopping, %d lines running", job.batch.id, len(job.running))
 
     def _finalize(self, job: Job) -> None:

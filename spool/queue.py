@@ -225,7 +225,7 @@ class Spool:
         if record is None:
             self._supervision.unlink(missing_ok=True)
         else:
-            self._write_atomic(self._supervision, record.model_dump_json().encode(), durable=False)
+            write_atomic(self._tmp, self._supervision, record.model_dump_json().encode(), durable=False)
 
     # -- rank-0 side -----------------------------------------------------------
 
