@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)
     max_request_bytes: int = Field(1_048_576, ge=1024)
 
+    # Batches (OpenAI's Batch API): at most this many batch lines generate at once, so
+    # interactive requests keep their time to first token; the largest batch input file
+    batch_max_active: int = Field(4, ge=1)
+    max_batch_file_mb: int = Field(100, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Launch (read by the launcher, launcher/)

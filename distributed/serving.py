@@ -52,6 +52,7 @@ class Reply:
     completion: int = 0
     unwritten: list[int] = field(default_factory=list)  # drawn tokens whose text is held back
     logprobs: Optional[list[TokenLogprob]] = None  # theirs, when the request asked for them
+    batch: bool = False  # a batch line, which yields to interactive requests
 
 
 class Serving:
@@ -127,10 +128,12 @@ class Serving:
 
     def admit(self) -> None:
         """Start claimed requests while their KV reservations fit; the first one
-        that doesn't waits, and the rest stay in the spool."""
+        that doesn't waits, and the rest stay in the spool. Interactive requests come
+        first; batch lines only while fewer than BATCH_MAX_ACTIVE of them run."""
         while not self.stopping:
             if self.held is None:
-                claimed = self.spool.claim()
+                batch_active = sum(reply.batch for reply in self.replies.values())
+                claimed = self.spool.claim(take_batch=batch_active < self.settings.batch_max_active)
                 if claimed is None:
                     return
                 # A request the last run left unfinished resumes after the tokens it streamed.
@@ -160,7 +163,8 @@ class Serving:
                 stream.add(token)  # the text they made was written before the restart
             self.replies[seq] = Reply(request_id, len(request.prompt_tokens), stream, cached, claim.started,
                                       claim.claimed_at, completion=len(drawn),
-                                      logprobs=[] if request.logprobs is not None else None)
+                                      logprobs=[] if request.logprobs is not None else None,
+                                      batch=request.batch is not None)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info("request %s: %d prompt tokens (%d cached)%s, %d active", request_id, len(request.prompt_tokens),
                      cached, f", resumed after {len(drawn)} tokens" if drawn else "", len(self.replies))

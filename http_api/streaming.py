@@ -43,22 +43,28 @@ def _finished(feed: EventFeed, final: Final) -> None:
              final.usage.prompt_tokens, final.usage.completion_tokens, time.monotonic() - feed.queued_at)
 
 
-async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
-    """Wait for the whole result of a non-streaming request."""
+async def gather(feed: EventFeed, reply: Reply) -> tuple[BaseModel, Final]:
+    """The whole result of a request once it ends, and its final event; APIError if it
+    failed. A client gone ends it early with a 499."""
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
+    async for event in feed.events():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+            if event.logprobs is not None:
+                logprobs = (logprobs or []) + event.logprobs
+        elif isinstance(event, Failed):
+            raise APIError.of(event)
+        elif isinstance(event, Final):
+            _finished(feed, event)
+            return reply.whole("".join(parts), event, logprobs), event
+    raise _client_gone()
+
+
+async def collect(feed: EventFeed, reply: Reply) -> BaseModel:
+    """Wait for the whole result of a non-streaming request."""
     try:
-        async for event in feed.events():
-            if isinstance(event, Delta):
-                parts.append(event.text)
-                if event.logprobs is not None:
-                    logprobs = (logprobs or []) + event.logprobs
-            elif isinstance(event, Failed):
-                raise APIError.of(event)
-            elif isinstance(event, Final):
-                _finished(feed, event)
-                return reply.whole("".join(parts), event, logprobs)
-        raise _client_gone()
+        return (await gather(feed, reply))[0]
     finally:
         feed.close("client gone or timed out")
 

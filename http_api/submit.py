@@ -83,28 +83,34 @@ class Work:
 ReplyFor = Callable[[str, int], Reply]  # (request id, created) -> the answer's builder
 
 
-async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
-    """Queue checked work and answer it, streaming or not."""
-    state = request.app.state
-    settings: Settings = state.settings
+def spool_request(state: Any, work: Work) -> SpoolRequest:
+    """Checked work as the spool's request: budget, token-valued fields, and a seed drawn
+    for a sampled request without one. APIError (400) if the work cannot run."""
     if not work.prompt:
         raise APIError(400, "the prompt is empty", param=work.param)
-    budget = max_tokens(work.requested_max_tokens, len(work.prompt), settings, work.param)
+    budget = max_tokens(work.requested_max_tokens, len(work.prompt), state.settings, work.param)
     check_vocabulary(work.sampling, state.model.vocab_size)
-    problem = ring_problem(state.spool, settings.ring_down_after)
-    if problem is not None:
-        raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
     sampling = work.sampling
     if sampling.seed is None and sampling.temperature > 0:
         # Kept in the spool, so a request resumed after a ring restart draws as it would have.
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
-    queued = SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                          sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
-                          created=int(time.time()))
+    return SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
+                        sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
+                        created=int(time.time()))
+
+
+async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
+    """Queue checked work and answer it, streaming or not."""
+    state = request.app.state
+    settings: Settings = state.settings
+    queued = spool_request(state, work)
+    problem = ring_problem(state.spool, settings.ring_down_after)
+    if problem is not None:
+        raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
     # The submit fsyncs: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_id = await asyncio.to_thread(state.spool.submit, queued)
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s", request_id, work.kind,
-             len(work.prompt), budget, work.stream)
+             len(work.prompt), queued.max_tokens, work.stream)
     feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
                      settings.ring_down_after)
     reply = reply_for(request_id, queued.created)
@@ -124,24 +130,34 @@ def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingPa
                 body.stop, bool(body.stream), "messages" if chat else "prompt", body.grammar(), body.wanted_logprobs())
 
 
-async def complete(request: Request, body: CompletionRequest) -> Any:
-    """Answer an OpenAI text completion."""
-    served = request.app.state.model
+def completion_work(served: Any, body: CompletionRequest) -> tuple[Work, ReplyFor]:
+    """An OpenAI text completion as work for the ring, and the builder of its answer."""
     work = openai_work(body, served.tokenizer.encode(body.prompt), served.defaults)
     logprob_text = LogprobText(served.tokenizer) if work.logprobs is not None else None
-    return await answer(request, work, lambda request_id, created: CompletionReply(
-        request_id, created, body.model, body.include_usage(), logprob_text))
+    return work, lambda request_id, created: CompletionReply(request_id, created, body.model, body.include_usage(),
+                                                             logprob_text)
 
 
-async def chat(request: Request, body: ChatCompletionRequest) -> Any:
-    """Answer an OpenAI chat completion, tool calls included."""
-    tokenizer = request.app.state.model.tokenizer
+def chat_work(served: Any, body: ChatCompletionRequest) -> tuple[Work, ReplyFor]:
+    """An OpenAI chat completion (tool calls included) as work for the ring, and the
+    builder of its answer."""
+    tokenizer = served.tokenizer
     check_tools(tokenizer, body)
     tools = body.template_tools()
-    work = openai_work(body, chat_tokens(tokenizer, body.chat(), tools), request.app.state.model.defaults)
+    work = openai_work(body, chat_tokens(tokenizer, body.chat(), tools), served.defaults)
     if grammar := tool_grammar(tokenizer, body):
         work = replace(work, grammar=grammar)
     tool_text = ToolCallText(tokenizer, tools) if tools else None
     logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
-    return await answer(request, work, lambda request_id, created: ChatReply(
-        request_id, created, body.model, body.include_usage(), tool_text, logprob_text))
+    return work, lambda request_id, created: ChatReply(request_id, created, body.model, body.include_usage(),
+                                                       tool_text, logprob_text)
+
+
+async def complete(request: Request, body: CompletionRequest) -> Any:
+    """Answer an OpenAI text completion."""
+    return await answer(request, *completion_work(request.app.state.model, body))
+
+
+async def chat(request: Request, body: ChatCompletionRequest) -> Any:
+    """Answer an OpenAI chat completion, tool calls included."""
+    return await answer(request, *chat_work(request.app.state.model, body))

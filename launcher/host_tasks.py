@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from launcher import log_to_stderr, processes
 from launcher.processes import ProcessRef
 from spool import Spool
+from spool.batches import ENDED, BatchStore
 from spool.protocol import Supervision
 
 
@@ -71,6 +72,12 @@ def write_supervision(spool_dir: str, record: Optional[str]) -> None:
     Spool(Path(spool_dir)).write_supervision(record and Supervision.model_validate_json(record))
 
 
+def batches(spool_dir: str) -> list[dict]:
+    """The batches that have not ended, oldest first: id, status and line counts."""
+    running = [b for b in reversed(BatchStore(Path(spool_dir)).all()) if b.status not in ENDED]
+    return [{"id": b.id, "status": b.status, **b.request_counts.model_dump()} for b in running]
+
+
 def spawn(command: list[str], log_file: str, cwd: str, settings: list[str]) -> list:
     """Start `command` detached (processes.spawn) in `cwd` with the launcher's `settings`
     (KEY=value) in its environment; its [pid, create time]."""
@@ -81,7 +88,7 @@ def spawn(command: list[str], log_file: str, cwd: str, settings: list[str]) -> l
 
 TASKS: dict[str, Callable] = {
     "alive": alive, "terminate": terminate, "end": end, "port_free": port_free, "heartbeat": heartbeat,
-    "spawn": spawn, "write_supervision": write_supervision,
+    "batches": batches, "spawn": spawn, "write_supervision": write_supervision,
 }
 
 

@@ -1,10 +1,10 @@
 """`status`: the ring, rank 0's heartbeat, how the ranks share the model, each rank
-(host, pid, layers, memory, BLAS, shard, alive) and the API's health. Exit status 0 only
-when all of it is up."""
+(host, pid, layers, memory, BLAS, shard, alive), the API's health and the batches under
+way. Exit status 0 only when all of it is up."""
 
 from __future__ import annotations
 
-from launcher.hosts import Layout
+from launcher.hosts import HostUnreachable, Layout
 from launcher.readiness import Heartbeat, api_url, health, read_heartbeat
 from launcher.processes import running
 from launcher.run_state import load_supervisor, ranks_from_heartbeat, running_api, running_ring
@@ -70,7 +70,10 @@ def status(layout: Layout) -> int:
     else:
         print("api: not running")
         up = False
-    return 0 if supervisor_line(layout, beat) and up else 1
+    supervised = supervisor_line(layout, beat)
+    for line in batch_lines(layout):
+        print(line)
+    return 0 if supervised and up else 1
 
 
 def supervisor_line(layout: Layout, beat: Heartbeat) -> bool:
@@ -85,3 +88,13 @@ def supervisor_line(layout: Layout, beat: Heartbeat) -> bool:
         line += f"; gave up: {record.reason}" if record.state == "gave_up" else ""
     print(line + ("" if layout.settings.supervise else " (SUPERVISE=false)"))
     return alive or not layout.settings.supervise
+
+
+def batch_lines(layout: Layout) -> list[str]:
+    """A line per batch under way, from the spool on rank 0's host (the API's)."""
+    try:
+        under_way = layout.rank0.task("batches", layout.rank0.path(layout.settings.spool_dir))
+    except HostUnreachable:
+        return []
+    return [f"batch {b['id']}: {b['status']}, {b['completed'] + b['failed']}/{b['total']} lines answered "
+            f"({b['failed']} failed)" for b in under_way]

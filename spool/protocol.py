@@ -50,6 +50,9 @@ class SpoolRequest(BaseModel):
     grammar: Optional[str] = None  # llguidance grammar the output must follow (a JSON schema's)
     logprobs: Optional[int] = None  # log-probabilities wanted, with this many top alternatives
     created: int  # Unix time the API accepted it (the response's `created`)
+    # The batch whose line this is (None: an interactive request). Rank 0 admits batch
+    # lines after interactive requests, and only up to BATCH_MAX_ACTIVE of them at once.
+    batch: Optional[str] = None
 
 
 class PromptTokensDetails(BaseModel):

@@ -74,14 +74,52 @@ def stuck_since_requeued(events: list[Event]) -> bool:
     return False
 
 
+def make_dir(path: Path) -> Path:
+    """`path` (and its parents) with the spool's permissions."""
+    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, _DIR_MODE)  # mkdir's mode is masked by umask; an old dir keeps its own
+    return path
+
+
+def write_atomic(tmp_dir: Path, dest: Path, data: bytes, durable: bool) -> None:
+    """Write `data` to a temp file in `tmp_dir` and rename it to `dest`; with `durable`,
+    sync both before returning. The rename comes first so a reader can start while the
+    disk syncs: callers report a thing accepted only once this returns, so one lost to a
+    crash in between was never accepted."""
+    tmp = tmp_dir / f"{_new_id()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.replace(tmp, dest)
+        if durable:
+            os.fsync(fd)
+            _fsync_dir(dest.parent)  # the rename itself must survive a power cut
+    finally:
+        os.close(fd)
+
+
+def touch(path: Path) -> None:
+    """Create the empty file `path` (a marker) unless it exists."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append `data` to `path` in one O_APPEND write and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """The spool directory; every method is safe to call from several processes."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         for path in (self.root, *(self.root / d for d in _SUBDIRS)):
-            path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(path, _DIR_MODE)  # mkdir's mode is masked by umask; an old dir keeps its own
+            make_dir(path)
         self._incoming = self.root / "incoming"
         self._claimed = self.root / "claimed"
         self._done = self.root / "done"
@@ -93,27 +131,12 @@ class Spool:
         self._heartbeat = self.root / "heartbeat.json"
         self._supervision = self.root / "supervision.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
+        self._is_batch_line: dict[str, bool] = {}  # waiting requests already read: batch lines or not
 
     # -- helpers ---------------------------------------------------------------
 
     def _stream(self, request_id: str) -> Path:
         return self._streams / f"{check_id(request_id)}.jsonl"
-
-    def _write_atomic(self, dest: Path, data: bytes, durable: bool) -> None:
-        """Write `data` to a temp file and rename it to `dest`; with `durable`, sync
-        both before returning. The rename comes first so rank 0 can start while the
-        disk syncs: callers report a request accepted only once this returns, so one
-        lost to a crash in between was never accepted."""
-        tmp = self._tmp / f"{_new_id()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        try:
-            os.write(fd, data)
-            os.replace(tmp, dest)
-            if durable:
-                os.fsync(fd)
-                _fsync_dir(dest.parent)  # the rename itself must survive a power cut
-        finally:
-            os.close(fd)
 
     def _ids(self, directory: Path) -> list[str]:
         """Ids of the requests in `directory`, oldest first; stray files are ignored."""
@@ -122,10 +145,12 @@ class Spool:
 
     # -- front side ------------------------------------------------------------
 
-    def submit(self, request: SpoolRequest) -> str:
-        """Queue `request` durably; return its new id."""
-        request_id = _new_id()
-        self._write_atomic(self._incoming / f"{request_id}.json", request.model_dump_json().encode(), durable=True)
+    def submit(self, request: SpoolRequest, request_id: str | None = None) -> str:
+        """Queue `request` durably; return its id: `request_id` when given (a batch line's,
+        made from the batch and the line, so its runner never queues it twice: see
+        known()), else a new one."""
+        request_id = check_id(request_id) if request_id is not None else _new_id()
+        write_atomic(self._tmp, self._incoming / f"{request_id}.json", request.model_dump_json().encode(), durable=True)
         return request_id
 
     def _withdraw(self, request_id: str, source: Path) -> None:
@@ -145,11 +170,15 @@ class Spool:
         self.append(request_id, Final(finish_reason="cancelled", usage=Usage.of(prompt, completion)))
         os.utime(done)
 
+    def known(self, request_id: str) -> bool:
+        """Whether the request was queued (waiting, running, finished or quarantined)."""
+        name = f"{check_id(request_id)}.json"
+        return any((d / name).exists() for d in (self._incoming, self._claimed, self._done, self._quarantine))
+
     def cancel(self, request_id: str) -> None:
         """Mark the request cancelled; one still waiting is withdrawn and finished here
         (a claimed one is left to rank 0, which sees the marker)."""
-        marker = self._cancel / check_id(request_id)
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+        touch(self._cancel / check_id(request_id))
         self._withdraw(request_id, self._incoming)
 
     def read_events(self, request_id: str, offset: int = 0) -> tuple[list[Event], int]:
@@ -199,12 +228,12 @@ class Spool:
         if record is None:
             self._supervision.unlink(missing_ok=True)
         else:
-            self._write_atomic(self._supervision, record.model_dump_json().encode(), durable=False)
+            write_atomic(self._tmp, self._supervision, record.model_dump_json().encode(), durable=False)
 
     def submit_control(self, control: ControlRequest) -> str:
         """Queue an operation on the ring for rank 0; return its id."""
         control_id = _new_id()
-        self._write_atomic(self._control / f"{control_id}.json", control.model_dump_json().encode(), durable=False)
+        write_atomic(self._tmp, self._control / f"{control_id}.json", control.model_dump_json().encode(), durable=False)
         return control_id
 
     def take_control_answer(self, control_id: str) -> ControlDone | None:
@@ -223,9 +252,14 @@ class Spool:
 
     # -- rank-0 side -----------------------------------------------------------
 
-    def claim(self) -> tuple[str, SpoolRequest] | None:
-        """Take the oldest waiting request into claimed/; None if there is none."""
-        for request_id in self._ids(self._incoming):
+    def claim(self, take_batch: bool = True) -> tuple[str, SpoolRequest] | None:
+        """Take the oldest waiting interactive request into claimed/, else (with
+        `take_batch`) the oldest batch line; None if there is none."""
+        waiting = self._ids(self._incoming)
+        self._is_batch_line = {i: self._is_batch_line[i] for i in waiting if i in self._is_batch_line}
+        batch = {request_id for request_id in waiting if self._is_batch(request_id)}
+        order = [i for i in waiting if i not in batch] + ([i for i in waiting if i in batch] if take_batch else [])
+        for request_id in order:
             dest = self._claimed / f"{request_id}.json"
             try:
                 os.rename(self._incoming / f"{request_id}.json", dest)
@@ -255,8 +289,19 @@ class Spool:
         return taken
 
     def answer_control(self, control_id: str, done: ControlDone) -> None:
-        self._write_atomic(self._control / f"{check_id(control_id)}.done", done.model_dump_json().encode(),
-                           durable=False)
+        write_atomic(self._tmp, self._control / f"{check_id(control_id)}.done", done.model_dump_json().encode(),
+                     durable=False)
+
+    def _is_batch(self, request_id: str) -> bool:
+        """Whether a waiting request is a batch line. Its file is read once: rank 0 asks
+        at every step while batch lines wait for room."""
+        if request_id not in self._is_batch_line:
+            try:
+                batch = json.loads((self._incoming / f"{request_id}.json").read_bytes()).get("batch")
+            except (FileNotFoundError, ValueError, AttributeError):
+                return False  # gone, or unreadable: claimed and failed as such
+            self._is_batch_line[request_id] = bool(batch)
+        return self._is_batch_line[request_id]
 
     def requeue_claimed(self) -> tuple[list[str], list[str]]:
         """Put requests left in claimed/ by a dead rank 0 back in incoming/, to resume
@@ -313,7 +358,7 @@ class Spool:
     def write_heartbeat(self, info: dict) -> None:
         """Replace heartbeat.json atomically; `time` defaults to now."""
         data = json.dumps({"time": time.time(), **info}, separators=(",", ":")).encode()
-        self._write_atomic(self._heartbeat, data, durable=False)
+        write_atomic(self._tmp, self._heartbeat, data, durable=False)
 
     def purge(self, retention_s: float) -> int:
         """Delete finished requests older than `retention_s`, with their streams and markers.
