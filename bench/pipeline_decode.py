@@ -4,7 +4,10 @@ Both run the same model, greedy, the same prompt and token count, in the same
 run, alternating so that machine noise hits both alike. Prints a table and the
 ratio of best-of-N decode tokens/s (target >= 0.97).
 
-    .venv/bin/python -m bench.pipeline_decode [--model DIR] [--tokens 64] [--rounds 3]
+    .venv/bin/python -m bench.pipeline_decode [--model DIR | --family deepseek_v2] [--tokens 64] [--rounds 3]
+
+`--family deepseek_v2` measures a mixture-of-experts model with latent attention
+(bench/bench_model.py's, written on first use).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.bench_model import FAMILIES, family_model
 from bench.ring import bench_env, mpi_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,12 +63,15 @@ def run_pipeline(model: str, tokens: int, ranks: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="mlx-lm model directory (default: the embedded default model)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), help="a bench model instead (bench/bench_model.py)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
 
-    if args.model is None:
+    if args.family is not None:
+        args.model = str(family_model(args.family))
+    elif args.model is None:
         from config import load_settings
         from models import resolve_model
 

@@ -61,12 +61,12 @@ def stop(*procs: subprocess.Popen) -> None:
 
 
 @contextmanager
-def serving(model: str | None, ranks: int) -> Iterator[tuple[str, Path]]:
-    """`ranks` ranks under MPI and the API on a fresh spool, until the block ends; yields
-    the API's URL, once healthy, and the spool directory."""
+def serving(model: str | None, ranks: int, **settings: str) -> Iterator[tuple[str, Path]]:
+    """`ranks` ranks under MPI and the API on a fresh spool, with `settings`, until the
+    block ends; yields the API's URL, once healthy, and the spool directory."""
     spool_dir = Path(tempfile.mkdtemp(prefix="mlx-ring-bench-"))
     port = free_port()
-    env = bench_env(model, SPOOL_DIR=str(spool_dir), API_PORT=str(port))
+    env = bench_env(model, SPOOL_DIR=str(spool_dir), API_PORT=str(port), **settings)
     procs = (start(mpi_ranks(ranks), env), start([sys.executable, str(REPO / "api.py")], env))
     try:
         print("waiting for the ring and the API ...", flush=True)

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)
     max_request_bytes: int = Field(1_048_576, ge=1024)
 
+    # Batches (OpenAI's Batch API): at most this many batch lines generate at once, so
+    # interactive requests keep their time to first token; the largest batch input file
+    batch_max_active: int = Field(4, ge=1)
+    max_batch_file_mb: int = Field(100, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Launch (read by the launcher, launcher/)
@@ -95,6 +100,12 @@ class Settings(BaseSettings):
     ring_port: int = Field(32323, ge=1024, le=65535)
     start_timeout: int = Field(600, ge=1)
     stop_timeout: int = Field(30, ge=1)
+    # The supervisor start leaves running (launcher/supervisor.py): restarts a ring whose
+    # rank exited or whose rank 0 finished no step for STEP_TIMEOUT s, at most
+    # RESTART_LIMIT times in 10 minutes; restarts the API when it exits
+    supervise: bool = True
+    step_timeout: float = Field(120.0, gt=0)
+    restart_limit: int = Field(5, ge=0)
     log_dir: Path = REPO_DIR / "logs"
     run_dir: Path = REPO_DIR / "run"
 

@@ -78,3 +78,12 @@ class PromptCacheIndex:
             self.tokens -= len(oldest)
             evicted.append(old)
         return entry, evicted
+
+    def clear(self) -> list[int]:
+        """Forget every stored cache; returns their entry ids, for the ranks to evict.
+        Entry ids go on from where they were, so none is ever reused."""
+        dropped = list(self.entries)
+        self.trie = PromptTrie()
+        self.entries.clear()
+        self.tokens = 0
+        return dropped

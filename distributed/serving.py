@@ -11,8 +11,10 @@ from functools import partial
 from typing import Optional
 
 from distributed.cluster import Cluster
+from distributed.control import carry_out_controls
 from distributed.limits import RequestError
 from distributed.sequence import TokenResult
+from distributed.serving_stats import ServingStats, ring_settings
 from distributed.text_stream import TextStream
 from models import served_name
 from spool import Spool
@@ -50,6 +52,7 @@ class Reply:
     completion: int = 0
     unwritten: list[int] = field(default_factory=list)  # drawn tokens whose text is held back
     logprobs: Optional[list[TokenLogprob]] = None  # theirs, when the request asked for them
+    batch: bool = False  # a batch line, which yields to interactive requests
 
 
 class Serving:
@@ -57,6 +60,7 @@ class Serving:
 
     def __init__(self, cluster: Cluster, settings, spool: Spool):
         self.cluster = cluster
+        self.stats = ServingStats()
         self.scheduler = cluster.scheduler
         self.settings = settings
         self.spool = spool
@@ -86,6 +90,8 @@ class Serving:
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
+                "settings": ring_settings(self.settings),
+                **self.stats.record(),
             }
         )
         if now >= self.next_purge:
@@ -102,6 +108,7 @@ class Serving:
         events: list[TokenResult] = []
         while not self.stopping:
             self.heartbeat()
+            carry_out_controls(self.spool, self.scheduler)
             self.admit()
             if self.scheduler.busy or events:
                 # The next steps start first, so the ring computes while the last
@@ -121,10 +128,12 @@ class Serving:
 
     def admit(self) -> None:
         """Start claimed requests while their KV reservations fit; the first one
-        that doesn't waits, and the rest stay in the spool."""
+        that doesn't waits, and the rest stay in the spool. Interactive requests come
+        first; batch lines only while fewer than BATCH_MAX_ACTIVE of them run."""
         while not self.stopping:
             if self.held is None:
-                claimed = self.spool.claim()
+                batch_active = sum(reply.batch for reply in self.replies.values())
+                claimed = self.spool.claim(take_batch=batch_active < self.settings.batch_max_active)
                 if claimed is None:
                     return
                 # A request the last run left unfinished resumes after the tokens it streamed.
@@ -154,7 +163,8 @@ class Serving:
                 stream.add(token)  # the text they made was written before the restart
             self.replies[seq] = Reply(request_id, len(request.prompt_tokens), stream, cached, claim.started,
                                       claim.claimed_at, completion=len(drawn),
-                                      logprobs=[] if request.logprobs is not None else None)
+                                      logprobs=[] if request.logprobs is not None else None,
+                                      batch=request.batch is not None)
             self.peak_active = max(self.peak_active, self.scheduler.active)
             log.info("request %s: %d prompt tokens (%d cached)%s, %d active", request_id, len(request.prompt_tokens),
                      cached, f", resumed after {len(drawn)} tokens" if drawn else "", len(self.replies))
@@ -177,6 +187,7 @@ class Serving:
         reply = self.replies[result.seq]
         reply.first_token = reply.first_token or time.perf_counter()
         if result.in_completion:
+            self.stats.token()
             reply.completion += 1
             reply.unwritten.append(result.token)
             if reply.logprobs is not None:
@@ -215,6 +226,7 @@ class Serving:
         usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
+        self.stats.answered(timings.time_to_first_token, reply.cached_tokens)
         final = Final(finish_reason=finish_reason, stop_sequence=stop_sequence, usage=usage, timings=timings)
         self.spool.finish(reply.request_id, final)
         log.info(

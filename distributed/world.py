@@ -95,5 +95,7 @@ def rank_record(rank: int) -> dict:
         # launcher signals a rank only when both match.
         "created": psutil.Process().create_time(),
         "memory": available_memory(),
+        "memory_total": psutil.virtual_memory().total,
+        "device": mx.default_device().type.name,
         "blas": blas_in_use(),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -13,7 +14,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings, load_settings
+from http_api import batches, cluster, files
 from http_api.anthropic import routes as anthropic_routes
+from http_api.batch_runner import BatchRunner
+from http_api.cluster_view import serving_problem
+from http_api.dashboard import install_dashboard
 from http_api.errors import ERROR_RESPONSES, install_error_handlers
 from http_api.events import StreamWaker, heartbeat_problem
 from http_api.metrics import Metrics
@@ -41,8 +46,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.spool = Spool(settings.spool_dir)
     app.state.waker = StreamWaker(app.state.spool, recheck=INOTIFY_RECHECK)
     app.state.started = int(time.time())
+    app.state.batch_runner = BatchRunner(app.state)
+    runner = asyncio.create_task(app.state.batch_runner.run())
     log.info("spool %s", settings.spool_dir)
     yield
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
     app.state.waker.close()
 
 
@@ -53,14 +62,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="mlx-ring", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    # An upload's multipart framing comes on top of the file MAX_BATCH_FILE_MB limits.
+    upload_bytes = settings.max_batch_file_mb * 2**20 + 64 * 1024
     app.add_middleware(FrontDoor, api_key=settings.api_key, max_bytes=settings.max_request_bytes,
-                       metrics=metrics)
+                       metrics=metrics, larger={files.UPLOAD_PATH: upload_bytes})
     if origins := Settings.split_list(settings.cors_origins):
         # Added last, so outermost: a preflight is answered before the API key is asked for.
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
     install_error_handlers(app)
     app.include_router(anthropic_routes.router)
+    app.include_router(cluster.router)
+    install_dashboard(app)
+    app.include_router(files.router)
+    app.include_router(batches.router)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **_STREAMED})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -81,12 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health(request: Request) -> Any:
         spool: Spool = request.app.state.spool
         beat = spool.read_heartbeat()
-        problem = heartbeat_problem(beat, settings.heartbeat_timeout)
-        if problem is None and beat.get("state") != "ready":
-            problem = f"ring state is {beat.get('state')!r}"
-            problem += f": {beat['reason']}" if beat.get("reason") else ""
+        supervision = spool.read_supervision()
+        problem = serving_problem(beat, supervision, settings.heartbeat_timeout)
         info = {**(beat or {}), "status": "unavailable" if problem else "ok", "reason": problem,
-                "queue_depth": spool.queue_depth()}
+                "queue_depth": spool.queue_depth(), "supervisor": supervision}
         return JSONResponse(Health.model_validate(info).model_dump(), status_code=503 if problem else 200)
 
     @app.get("/metrics")

@@ -81,18 +81,25 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     return error_json(request.url.path, exc)
 
 
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    fields = []
-    for part in first.get("loc", ())[1:]:  # [0] is "body"
+def invalid_value(error: dict, loc: tuple, prefix: str = "") -> APIError:
+    """A 400 for one of pydantic's validation errors, naming the field at `loc` (under
+    `prefix`) as its param."""
+    fields = [prefix] if prefix else []
+    for part in loc:
         if str(part) in _TYPE_TAGS or "[" in str(part):
             break
         fields.append(str(part))
     param = ".".join(fields) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    message = f"{param}: {error['msg']}" if param else error["msg"]
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    err = invalid_value(first, first.get("loc", ())[1:])  # [0] is "body"
     if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
-    return error_json(request.url.path, APIError(400, message, param=param, code="invalid_value"))
+        err = APIError(400, "the request body is not valid JSON", param=err.detail_model.param, code="invalid_value")
+    return error_json(request.url.path, err)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

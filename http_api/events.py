@@ -39,6 +39,16 @@ def heartbeat_problem(beat: dict | None, max_age: float) -> str | None:
     return None
 
 
+def ring_problem(spool: Spool, ring_down_after: float) -> str | None:
+    """Why requests should not wait for the ring: the supervisor gave up on it, or rank
+    0's heartbeat is older than RING_DOWN_AFTER; None while it is there or coming back."""
+    supervision = spool.read_supervision()
+    if supervision is not None and supervision.state == "gave_up":
+        return f"the supervisor gave up: {supervision.reason}"
+    problem = heartbeat_problem(spool.read_heartbeat(), ring_down_after)
+    return None if problem is None else f"{problem}, past RING_DOWN_AFTER={ring_down_after:g} s"
+
+
 class StreamWaker:
     """Wakes the readers of requests whose stream file changed. With inotify a reader sleeps
     until rank 0 writes, re-reading every `recheck` s all the same in case a change went
@@ -81,12 +91,15 @@ class StreamWaker:
 class EventFeed:
     """The events rank 0 writes for one request. `client`, while set, is checked for a
     disconnect as the feed waits; a streaming response clears it, since Starlette then
-    watches for the disconnect itself."""
+    watches for the disconnect itself. A batch line's feed (`ring_down_after` None) waits
+    out a ring that is down, and stays out of the latency histograms, since its line
+    waits behind interactive requests by design."""
 
     def __init__(self, spool: Spool, waker: StreamWaker, request_id: str, metrics: Metrics,
-                 client: Request | None, timeout: float, ring_down_after: float) -> None:
+                 client: Request | None, timeout: float, ring_down_after: float | None) -> None:
         self.spool, self.waker, self.request_id, self.metrics = spool, waker, request_id, metrics
         self.client = client
+        self._timed = ring_down_after is not None
         waker.register(request_id)
         self.queued_at = time.monotonic()
         self._deadline = self.queued_at + timeout
@@ -126,11 +139,11 @@ class EventFeed:
             if now >= self._deadline:
                 log.warning("request %s timed out after %.0f s", self.request_id, now - self.queued_at)
                 raise APIError(504, "no result from the ring within REQUEST_TIMEOUT", code="timeout")
-            if now >= next_beat:
-                problem = heartbeat_problem(self.spool.read_heartbeat(), self._ring_down_after)
+            if now >= next_beat and self._ring_down_after is not None:
+                problem = ring_problem(self.spool, self._ring_down_after)
                 if problem is not None:
                     log.warning("request %s given up: the ring is down (%s)", self.request_id, problem)
-                    raise APIError(503, f"the ring is down ({problem}) past RING_DOWN_AFTER",
+                    raise APIError(503, f"the ring is down ({problem})",
                                    code="ring_unavailable")
                 next_beat = now + HEARTBEAT_CHECK
             if now >= keepalive_at:
@@ -146,7 +159,7 @@ class EventFeed:
 
     def _observe(self, event: Event) -> None:
         now = time.monotonic()
-        if isinstance(event, Delta):
+        if isinstance(event, Delta) and self._timed:
             if self._last_text is None:
                 self.metrics.ttft.observe(now - self.queued_at)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from spool.batches import RequestCounts
 from spool.protocol import Usage
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -31,6 +32,15 @@ class Metrics:
                                            "Prompt tokens taken from the prompt cache", registry=r)
         self.prompt_cache_tokens = Gauge("mlx_ring_prompt_cache_tokens", "Tokens held in rank 0's prompt cache",
                                          registry=r)
+        self.batch_lines = Gauge("mlx_ring_batch_lines", "Lines of each running batch: total, completed, failed",
+                                 ["batch", "state"], registry=r)
+
+    def batch_progress(self, counts: dict[str, RequestCounts]) -> None:
+        """The running batches' line counts, by batch id (one that ended leaves the metric)."""
+        self.batch_lines.clear()
+        for batch_id, batch_counts in counts.items():
+            for state, count in batch_counts.model_dump().items():
+                self.batch_lines.labels(batch_id, state).set(count)
 
     def finished(self, usage: Usage) -> None:
         """Count a finished request's tokens and its use of the prompt cache."""

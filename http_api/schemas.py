@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from http_api.grammar import json_grammar
 from http_api.tools import ToolSpec
-from spool.protocol import SamplingParams, Usage
+from spool.protocol import SamplingParams, Supervision, Usage
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n: each choice is a sequence of its own on the ring
@@ -341,3 +341,4 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     reason: str | None = None
     queue_depth: int
+    supervisor: Supervision | None = None  # None when the ring runs without one

@@ -65,22 +65,35 @@ def finished(feed: EventFeed, final: Final) -> None:
              final.usage.prompt_tokens, final.usage.completion_tokens, time.monotonic() - feed.queued_at)
 
 
-async def outcome(feed: EventFeed) -> Outcome:
-    """Wait for the whole result of one spool request."""
+async def _outcome(feed: EventFeed) -> Outcome:
+    """One spool request's whole result once it ends; APIError if it failed. A client
+    gone ends it early with a 499."""
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
+    async for event in feed.events():
+        if isinstance(event, Delta):
+            parts.append(event.text)
+            if event.logprobs is not None:
+                logprobs = (logprobs or []) + event.logprobs
+        elif isinstance(event, Failed):
+            raise APIError.of(event)
+        elif isinstance(event, Final):
+            finished(feed, event)
+            return Outcome("".join(parts), event, logprobs)
+    raise _client_gone()
+
+
+async def gather(feed: EventFeed, reply: Reply) -> tuple[BaseModel, Final]:
+    """The whole answer of a one-choice request once it ends, and its final event; the
+    feed stays open (a batch line's request stays queued if its runner stops)."""
+    result = await _outcome(feed)
+    return reply.whole([result], result.final.usage), result.final
+
+
+async def outcome(feed: EventFeed) -> Outcome:
+    """One spool request's whole result; the request is cancelled if it did not end."""
     try:
-        async for event in feed.events():
-            if isinstance(event, Delta):
-                parts.append(event.text)
-                if event.logprobs is not None:
-                    logprobs = (logprobs or []) + event.logprobs
-            elif isinstance(event, Failed):
-                raise APIError.of(event)
-            elif isinstance(event, Final):
-                finished(feed, event)
-                return Outcome("".join(parts), event, logprobs)
-        raise _client_gone()
+        return await _outcome(feed)
     finally:
         feed.close("client gone or timed out")
 

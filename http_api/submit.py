@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 
 from config import Settings
 from http_api.errors import APIError
-from http_api.events import EventFeed, heartbeat_problem
+from http_api.events import EventFeed, ring_problem
 from http_api.logprobs import LogprobText
 from http_api.replies import ChatReply, CompletionReply
 from http_api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -96,16 +96,40 @@ def copy_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-async def _prefill_once(request: Request, prompt: list[int], kind: Literal["chat", "completion"]) -> None:
+def spool_request(state: Any, work: Work) -> SpoolRequest:
+    """Checked work as the spool's request (its first choice's): budget, token-valued
+    fields, and a seed drawn for a sampled request without one. APIError (400) if the
+    work cannot run."""
+    if not work.prompt:
+        raise APIError(400, "the prompt is empty", param=work.param)
+    budget = max_tokens(work.requested_max_tokens, len(work.prompt), state.settings, work.param)
+    check_vocabulary(work.sampling, state.model.vocab_size)
+    sampling = work.sampling
+    if sampling.seed is None and sampling.temperature > 0:
+        # Kept in the spool, so a request resumed after a ring restart draws as it would have.
+        sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
+    return SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
+                        sampling=sampling, stop=work.stop, grammar=work.grammar, logprobs=work.logprobs,
+                        created=int(time.time()))
+
+
+def choice_requests(first: SpoolRequest, choices: int) -> list[SpoolRequest]:
+    """The spool requests of `choices` copies of `first`, each drawing with its own seed."""
+    seed = first.sampling.seed
+    return [first if seed is None else first.model_copy(update={"sampling": first.sampling.model_copy(
+        update={"seed": copy_seed(seed, index)})}) for index in range(choices)]
+
+
+async def _prefill_once(request: Request, first: SpoolRequest) -> None:
     """Before the copies of a request with n > 1: a one-token request whose prompt KV rank 0
     keeps in its prompt cache as it ends, so every copy starts from it instead of computing
     the prompt again."""
     state = request.app.state
     settings: Settings = state.settings
-    primer = SpoolRequest(kind=kind, model=state.model.id, prompt_tokens=prompt, max_tokens=1,
-                          sampling=SamplingParams(temperature=0.0), created=int(time.time()))
+    primer = first.model_copy(update={"max_tokens": 1, "sampling": SamplingParams(temperature=0.0), "stop": [],
+                                      "grammar": None, "logprobs": None})
     request_id = await asyncio.to_thread(state.spool.submit, primer)
-    log.info("request %s queued: the shared prefill of %d prompt tokens", request_id, len(prompt))
+    log.info("request %s queued: the shared prefill of %d prompt tokens", request_id, len(first.prompt_tokens))
     feed = EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
                      settings.ring_down_after)
     await outcome(feed)
@@ -115,34 +139,21 @@ async def answer(request: Request, work: Work, reply_for: ReplyFor) -> Any:
     """Queue checked work (one spool request per choice) and answer it, streaming or not."""
     state = request.app.state
     settings: Settings = state.settings
-    if not work.prompt:
-        raise APIError(400, "the prompt is empty", param=work.param)
-    budget = max_tokens(work.requested_max_tokens, len(work.prompt), settings, work.param)
-    check_vocabulary(work.sampling, state.model.vocab_size)
-    beat = state.spool.read_heartbeat()
-    problem = heartbeat_problem(beat, settings.ring_down_after)
+    first = spool_request(state, work)
+    problem = ring_problem(state.spool, settings.ring_down_after)
     if problem is not None:
         raise APIError(503, f"the ring is down ({problem}); nothing was queued", code="ring_unavailable")
-    sampling = work.sampling
-    if sampling.seed is None and sampling.temperature > 0:
-        # Kept in the spool, so a request resumed after a ring restart draws as it would have.
-        sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
-    if work.choices > 1 and beat.get("prompt_cache_tokens") is not None:
-        await _prefill_once(request, work.prompt, work.kind)
-    created = int(time.time())
-    queued = [SpoolRequest(kind=work.kind, model=state.model.id, prompt_tokens=work.prompt, max_tokens=budget,
-                           sampling=sampling if sampling.seed is None else sampling.model_copy(
-                               update={"seed": copy_seed(sampling.seed, index)}),
-                           stop=work.stop, grammar=work.grammar, logprobs=work.logprobs, created=created)
-              for index in range(work.choices)]
+    if work.choices > 1 and (state.spool.read_heartbeat() or {}).get("prompt_cache_tokens") is not None:
+        await _prefill_once(request, first)
+    queued = choice_requests(first, work.choices)
     # The submits fsync: off the event loop, so other requests' tokens keep flowing meanwhile.
     request_ids = await asyncio.to_thread(lambda: [state.spool.submit(one) for one in queued])
     log.info("request %s queued: %s, %d prompt tokens, max_tokens %d, stream %s%s", request_ids[0], work.kind,
-             len(work.prompt), budget, work.stream,
+             len(work.prompt), first.max_tokens, work.stream,
              f", {work.choices} choices ({', '.join(request_ids[1:])} too)" if work.choices > 1 else "")
     feeds = [EventFeed(state.spool, state.waker, request_id, state.metrics, request, settings.request_timeout,
                        settings.ring_down_after) for request_id in request_ids]
-    reply = reply_for(request_ids[0], created)
+    reply = reply_for(request_ids[0], first.created)
     if not work.stream:
         return await collect(feeds, reply)
     starts = []
@@ -172,13 +183,12 @@ def openai_work(body: GenerationRequest, prompt: list[int], defaults: SamplingPa
                 body.choices())
 
 
-async def complete(request: Request, body: CompletionRequest) -> Any:
-    """Answer an OpenAI text completion."""
-    served = request.app.state.model
+def completion_work(served: Any, body: CompletionRequest) -> tuple[Work, ReplyFor]:
+    """An OpenAI text completion as work for the ring, and the builder of its answer."""
     work = openai_work(body, served.tokenizer.encode(body.prompt), served.defaults)
     logprob_text = LogprobText(served.tokenizer) if work.logprobs is not None else None
-    return await answer(request, work, lambda request_id, created: CompletionReply(
-        request_id, created, body.model, work.choices, body.include_usage(), logprob_text))
+    return work, lambda request_id, created: CompletionReply(request_id, created, body.model, work.choices,
+                                                             body.include_usage(), logprob_text)
 
 
 @dataclass(frozen=True)
@@ -199,17 +209,28 @@ def tool_prompt(tokenizer: Any, messages: list[dict], spec: ToolSpec) -> ToolPro
                       partial(ToolCallText, tokenizer, tools) if tools else None)
 
 
-async def chat(request: Request, body: ChatCompletionRequest) -> Any:
-    """Answer an OpenAI chat completion, tool calls included."""
-    tokenizer = request.app.state.model.tokenizer
+def chat_work(served: Any, body: ChatCompletionRequest) -> tuple[Work, ReplyFor]:
+    """An OpenAI chat completion (tool calls included) as work for the ring, and the
+    builder of its answer."""
+    tokenizer = served.tokenizer
     spec = body.tool_spec()
     if spec.forced and body.response_format is not None and body.response_format.type != "text":
         raise APIError(400, "tool_choice 'required' or a named function cannot go with response_format",
                        param="tool_choice")
     prompt = tool_prompt(tokenizer, body.chat(), spec)
-    work = openai_work(body, prompt.tokens, request.app.state.model.defaults)
+    work = openai_work(body, prompt.tokens, served.defaults)
     if prompt.grammar is not None:
         work = replace(work, grammar=prompt.grammar)
     logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
-    return await answer(request, work, lambda request_id, created: ChatReply(
-        request_id, created, body.model, work.choices, body.include_usage(), prompt.tool_text, logprob_text))
+    return work, lambda request_id, created: ChatReply(request_id, created, body.model, work.choices,
+                                                       body.include_usage(), prompt.tool_text, logprob_text)
+
+
+async def complete(request: Request, body: CompletionRequest) -> Any:
+    """Answer an OpenAI text completion."""
+    return await answer(request, *completion_work(request.app.state.model, body))
+
+
+async def chat(request: Request, body: ChatCompletionRequest) -> Any:
+    """Answer an OpenAI chat completion, tool calls included."""
+    return await answer(request, *chat_work(request.app.state.model, body))

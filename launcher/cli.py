@@ -14,6 +14,7 @@ from launcher.logs import follow_logs, print_logs
 from launcher.start import restart, start
 from launcher.status import status
 from launcher.stop import stop_api, stop_ring
+from launcher.supervisor import start_supervisor, stop_supervisor, supervise
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,11 @@ usage: ./launch.sh VERB [OPTIONS]
   setup [--all-hosts]  create .venv and install dependencies (idempotent; quick when up
                        to date); --all-hosts also runs it in REMOTE_DIR on every host
   test [PYTEST ARGS]   setup, then run the test suite
-  start                start the ranks and the API, wait until they serve, print the URL
-  stop                 stop the ranks (rank 0 finishes its token first) and the API
+  start                start the ranks and the API, wait until they serve, print the URL;
+                       leave the supervisor running (SUPERVISE), which restarts a ring
+                       whose rank exited or hangs, and an API that exited
+  stop                 stop the supervisor, the ranks (rank 0 finishes its token first)
+                       and the API
   restart              stop the ranks and start again; a running API is kept when its
                        settings did not change, so queued requests wait and are served
   status               ranks (host, pid, layers, memory, alive) and API health;
@@ -56,7 +60,7 @@ def parser() -> Parser:
     setup = sub.add_parser("setup", add_help=False, allow_abbrev=False)
     setup.add_argument("--all-hosts", action="store_true")
     sub.add_parser("test", add_help=False)  # every argument goes to pytest
-    for verb in ("start", "stop", "restart", "status"):
+    for verb in ("start", "stop", "restart", "status", "supervise"):
         sub.add_parser(verb, add_help=False)
     logs = sub.add_parser("logs", add_help=False, allow_abbrev=False)
     logs.add_argument("-f", "--follow", action="store_true")
@@ -73,18 +77,31 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     install_debian(RUNTIME_PACKAGES)
-    start(load_layout())
+    layout = load_layout()
+    start(layout)
+    if layout.settings.supervise:
+        start_supervisor(layout)
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
     install_debian(RUNTIME_PACKAGES)
-    restart(load_layout())
+    layout = load_layout()
+    stop_supervisor(layout)
+    restart(layout)
+    if layout.settings.supervise:
+        start_supervisor(layout)
     return 0
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """Not for people: start runs it in the background (launcher/supervisor.py)."""
+    return supervise(load_layout())
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     layout = load_layout()
+    stop_supervisor(layout)
     stopped = stop_ring(layout)
     stop_api(layout)
     return 0 if stopped else 1
@@ -104,7 +121,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart, "status": cmd_status,
-    "logs": cmd_logs,
+    "logs": cmd_logs, "supervise": cmd_supervise,
 }
 
 

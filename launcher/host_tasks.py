@@ -19,6 +19,8 @@ from typing import Callable, Optional
 from launcher import log_to_stderr, processes
 from launcher.processes import ProcessRef
 from spool import Spool
+from spool.batches import ENDED, BatchStore
+from spool.protocol import Supervision
 
 
 def alive(pid: int, create_time: float) -> bool:
@@ -36,9 +38,9 @@ def terminate(pid: int, create_time: float) -> bool:
     return True
 
 
-def end(pid: int, create_time: float, what: str) -> bool:
-    """SIGTERM, then SIGKILL (processes.end); True once the process is gone."""
-    return processes.end(processes.one(ProcessRef(pid, create_time)), what)
+def end(pid: int, create_time: float, what: str, grace: float = processes.KILL_GRACE) -> bool:
+    """SIGTERM, then SIGKILL after `grace` s (processes.end); True once the process is gone."""
+    return processes.end(processes.one(ProcessRef(pid, create_time)), what, grace)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -54,12 +56,26 @@ def port_free(host: str, port: int) -> bool:
 
 
 def heartbeat(spool_dir: str) -> dict:
-    """Rank 0's heartbeat ({} when there is none) and its age by this host's clock, which
-    wrote it."""
-    beat = Spool(Path(spool_dir)).read_heartbeat() or {}
+    """Rank 0's heartbeat ({} when there is none), its age by this host's clock, which
+    wrote it, and the supervisor's record beside it (None without one)."""
+    spool = Spool(Path(spool_dir))
+    beat = spool.read_heartbeat() or {}
     when = beat.get("time")
     age = time.time() - when if isinstance(when, (int, float)) else None
-    return {"beat": beat, "age": age}
+    supervision = spool.read_supervision()
+    return {"beat": beat, "age": age, "supervision": supervision and supervision.model_dump(mode="json")}
+
+
+def write_supervision(spool_dir: str, record: Optional[str]) -> None:
+    """The supervisor's record (launcher/supervisor.py) beside rank 0's heartbeat; None
+    removes it."""
+    Spool(Path(spool_dir)).write_supervision(record and Supervision.model_validate_json(record))
+
+
+def batches(spool_dir: str) -> list[dict]:
+    """The batches that have not ended, oldest first: id, status and line counts."""
+    running = [b for b in reversed(BatchStore(Path(spool_dir)).all()) if b.status not in ENDED]
+    return [{"id": b.id, "status": b.status, **b.request_counts.model_dump()} for b in running]
 
 
 def spawn(command: list[str], log_file: str, cwd: str, settings: list[str]) -> list:
@@ -72,7 +88,7 @@ def spawn(command: list[str], log_file: str, cwd: str, settings: list[str]) -> l
 
 TASKS: dict[str, Callable] = {
     "alive": alive, "terminate": terminate, "end": end, "port_free": port_free, "heartbeat": heartbeat,
-    "spawn": spawn,
+    "batches": batches, "spawn": spawn, "write_supervision": write_supervision,
 }
 
 

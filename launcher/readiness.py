@@ -18,6 +18,7 @@ from typing import Optional
 from launcher.hosts import HERE, HostUnreachable, Layout
 from launcher.logs import print_tail
 from launcher.run_state import ApiRun, RingRun
+from spool.protocol import Supervision
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Heartbeat:
     reason: str = ""
     parallel: dict = field(default_factory=dict)  # how the ranks share the model (distributed/parallel.py)
     ranks: list[dict] = field(default_factory=list)  # every rank's record (distributed/group.py)
+    supervision: Optional[Supervision] = None  # the supervisor's record beside it
 
 
 def read_heartbeat(layout: Layout) -> Heartbeat:
@@ -56,7 +58,14 @@ def read_heartbeat(layout: Layout) -> Heartbeat:
         reason=str(beat.get("reason", "")),
         parallel=beat["parallel"] if isinstance(beat.get("parallel"), dict) else {},
         ranks=[r for r in ranks if isinstance(r, dict)] if isinstance(ranks, list) else [],
+        supervision=answer["supervision"] and Supervision.model_validate(answer["supervision"]),
     )
+
+
+def write_supervision(layout: Layout, record: Optional[Supervision]) -> None:
+    """The supervisor's record on rank 0's host, next to its heartbeat; None removes it."""
+    rank0 = layout.rank0
+    rank0.task("write_supervision", rank0.path(layout.settings.spool_dir), record and record.model_dump_json())
 
 
 def api_url(layout: Layout) -> str:

@@ -1,6 +1,6 @@
 """The pid files `start` leaves in RUN_DIR for stop, status and the next start:
-launcher.pid (the process that started the ranks, and the ranks) and api.pid. JSON,
-each process with its host and create time."""
+launcher.pid (the process that started the ranks, and the ranks), api.pid and
+supervisor.pid. JSON, each process with its host and create time."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 RING_FILE = "launcher.pid"
 API_FILE = "api.pid"
+SUPERVISOR_FILE = "supervisor.pid"  # on this machine, where the launcher runs
 
 
 @dataclass
@@ -49,10 +50,10 @@ class HostProcess:
         except HostUnreachable:
             return False
 
-    def end(self, what: str) -> bool:
-        """SIGTERM, then SIGKILL, on its host; True once it is gone."""
+    def end(self, what: str, grace: float = processes.KILL_GRACE) -> bool:
+        """SIGTERM, then SIGKILL after `grace` s, on its host; True once it is gone."""
         try:
-            return self.task("end", f"{what} ({self})")
+            return self.task("end", f"{what} ({self})", grace)
         except HostUnreachable:
             log.info("cannot reach %s to check pid %d", self.machine, self.process.pid)
             return False
@@ -108,6 +109,10 @@ def save_api(run_dir: Path, api: ApiRun) -> None:
     (run_dir / API_FILE).write_text(json.dumps(asdict(api)))
 
 
+def save_supervisor(run_dir: Path, ref: ProcessRef) -> None:
+    (run_dir / SUPERVISOR_FILE).write_text(json.dumps(asdict(ref)))
+
+
 def _read(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
@@ -130,6 +135,11 @@ def load_ring(run_dir: Path) -> Optional[RingRun]:
 def load_api(run_dir: Path) -> Optional[ApiRun]:
     data = _read(run_dir / API_FILE)
     return None if data is None else ApiRun.from_json(data)
+
+
+def load_supervisor(run_dir: Path) -> Optional[ProcessRef]:
+    data = _read(run_dir / SUPERVISOR_FILE)
+    return None if data is None else ProcessRef(**data)
 
 
 def running_ring(run_dir: Path) -> Optional[RingRun]:

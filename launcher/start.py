@@ -17,7 +17,9 @@ from config import REPO_DIR
 from launcher import LaunchError, processes
 from launcher.hosts import HostUnreachable, Layout
 from launcher.processes import ProcessRef
-from launcher.readiness import StartFailed, api_url, read_heartbeat, show_failure_logs, wait_ready
+from launcher.readiness import (
+    Heartbeat, StartFailed, api_url, read_heartbeat, show_failure_logs, wait_ready, write_supervision,
+)
 from launcher.ring_command import ring_command
 from launcher.run_state import (
     ApiRun,
@@ -79,11 +81,10 @@ def preflight(layout: Layout) -> None:
 def start_all(layout: Layout) -> None:
     settings = layout.settings
     layout.copy_env()
-    since = read_heartbeat(layout).time
+    write_supervision(layout, None)  # a last run's supervisor's word is not this run's
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    rotate_rank_logs(layout)
-    ring = start_ring(layout, since)
+    ring = start_ring(layout)
     api: Optional[ApiRun] = None
     started_api = False
     try:
@@ -101,11 +102,17 @@ def start_all(layout: Layout) -> None:
         if started_api:
             stop_api(layout)
         raise SystemExit(1) from None
+    ring_ready(layout, ring, beat)
+    print(f"{api_url(layout)}/v1", flush=True)
+
+
+def ring_ready(layout: Layout, ring: RingRun, beat: Heartbeat) -> None:
+    """Record the ranks the ready heartbeat names, for stop, status and the supervisor."""
+    settings = layout.settings
     ring.ranks = ranks_from_heartbeat(beat.ranks, layout.machines)
     save_ring(settings.run_dir, ring)
     log.info("ready: %d rank(s), BACKEND=%s, %s parallel, model %s", len(layout.machines), settings.backend,
              beat.parallel.get("mode", "pipeline"), beat.model)
-    print(f"{api_url(layout)}/v1", flush=True)
 
 
 @contextmanager
@@ -130,10 +137,12 @@ def rotate_rank_logs(layout: Layout) -> None:
         machine.shell(f"mv -f {shlex.quote(file)} {shlex.quote(file + '.1')} 2>/dev/null || true")
 
 
-def start_ring(layout: Layout, since: float) -> RingRun:
+def start_ring(layout: Layout) -> RingRun:
     """Spawn the launcher of the ranks; its pid file keeps the heartbeat time before it,
     to tell this run's heartbeats."""
     settings = layout.settings
+    since = read_heartbeat(layout).time
+    rotate_rank_logs(layout)
     command = ring_command(layout)
     log.info("starting %d rank(s), BACKEND=%s: %s", len(layout.machines), settings.backend, " ".join(command))
     ring = RingRun(processes.spawn(command, settings.log_dir / "launcher.log", cwd=str(REPO_DIR)), since)

@@ -1,12 +1,13 @@
 """`status`: the ring, rank 0's heartbeat, how the ranks share the model, each rank
-(host, pid, layers, memory, BLAS, shard, alive) and the API's health. Exit status 0 only
-when all of it is up."""
+(host, pid, layers, memory, BLAS, shard, alive), the API's health and the batches under
+way. Exit status 0 only when all of it is up."""
 
 from __future__ import annotations
 
-from launcher.hosts import Layout
-from launcher.readiness import api_url, health, read_heartbeat
-from launcher.run_state import ranks_from_heartbeat, running_api, running_ring
+from launcher.hosts import HostUnreachable, Layout
+from launcher.readiness import Heartbeat, api_url, health, read_heartbeat
+from launcher.processes import running
+from launcher.run_state import load_supervisor, ranks_from_heartbeat, running_api, running_ring
 
 ROW = "{:<5} {:<22} {:<16} {:<8} {:<8} {:<9} {:<10} {:<6} {}"
 ALIVE = {True: "yes", False: "no", None: "unreachable"}
@@ -69,4 +70,31 @@ def status(layout: Layout) -> int:
     else:
         print("api: not running")
         up = False
-    return 0 if up else 1
+    supervised = supervisor_line(layout, beat)
+    for line in batch_lines(layout):
+        print(line)
+    return 0 if supervised and up else 1
+
+
+def supervisor_line(layout: Layout, beat: Heartbeat) -> bool:
+    """The supervisor's state, restarts and last cause; False when it should run and does not."""
+    ref = load_supervisor(layout.settings.run_dir)
+    alive = ref is not None and running(ref) is not None
+    line = f"supervisor: pid {ref.pid}" if alive else "supervisor: not running"
+    record = beat.supervision
+    if record is not None:
+        line += f", {record.state.replace('_', ' ')}; ring restarts {record.restarts}, API restarts {record.api_restarts}"
+        line += f"; last cause: {record.last_cause}" if record.last_cause else ""
+        line += f"; gave up: {record.reason}" if record.state == "gave_up" else ""
+    print(line + ("" if layout.settings.supervise else " (SUPERVISE=false)"))
+    return alive or not layout.settings.supervise
+
+
+def batch_lines(layout: Layout) -> list[str]:
+    """A line per batch under way, from the spool on rank 0's host (the API's)."""
+    try:
+        under_way = layout.rank0.task("batches", layout.rank0.path(layout.settings.spool_dir))
+    except HostUnreachable:
+        return []
+    return [f"batch {b['id']}: {b['status']}, {b['completed'] + b['failed']}/{b['total']} lines answered "
+            f"({b['failed']} failed)" for b in under_way]

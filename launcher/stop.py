@@ -12,30 +12,34 @@ from launcher.run_state import API_FILE, RING_FILE, RankProcess, forget, load_ap
 
 log = logging.getLogger(__name__)
 
+FAULT_GRACE = 2.0  # seconds a failed ring's processes get between SIGTERM and SIGKILL
 
-def stop_ring(layout: Layout) -> bool:
+
+def stop_ring(layout: Layout, patient: bool = True) -> bool:
     """Rank 0 first: on SIGTERM it finishes the token in flight (its request stays in the
     spool) and releases the other ranks, so the launcher ends by itself. Then the
     launcher's process group, SIGTERM and SIGKILL; then any rank of this run still alive
     on its host (MPI puts local ranks in process groups of their own; remote ranks end
-    with their ssh or MPI daemon). False when a rank would not end."""
+    with their ssh or MPI daemon). Not `patient` (the supervisor, for a ring that failed):
+    everything at once, SIGKILL after FAULT_GRACE. False when a rank would not end."""
     settings = layout.settings
     ring = load_ring(settings.run_dir)
     if ring is None:
         log.info("ring: not running")
         return True
     ranks = ring.ranks or this_runs_ranks(layout, ring.since)
-    if ring.members():
+    grace = processes.KILL_GRACE if patient else FAULT_GRACE
+    if ring.members() and patient:
         rank0 = next((rank for rank in ranks if rank.rank == 0), None)
         if rank0 is not None and rank0.terminate():
             log.info("stopping rank 0 (%s): it finishes the token in flight", rank0)
         if not processes.wait_gone(ring.members, settings.stop_timeout):
             log.info("ranks still running after STOP_TIMEOUT=%d s: SIGTERM to the launcher's process group",
                      settings.stop_timeout)
-            processes.end(ring.members, "the launcher's process group")
+    processes.end(ring.members, "the launcher's process group", grace)
     stuck = False
     for rank in ranks:
-        if not rank.end(f"rank {rank.rank}"):
+        if not rank.end(f"rank {rank.rank}", grace):
             log.info("rank %d (%s) is still alive: kill it by hand", rank.rank, rank)
             stuck = True
     if stuck:

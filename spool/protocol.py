@@ -50,6 +50,9 @@ class SpoolRequest(BaseModel):
     grammar: Optional[str] = None  # llguidance grammar the output must follow (a JSON schema's)
     logprobs: Optional[int] = None  # log-probabilities wanted, with this many top alternatives
     created: int  # Unix time the API accepted it (the response's `created`)
+    # The batch whose line this is (None: an interactive request). Rank 0 admits batch
+    # lines after interactive requests, and only up to BATCH_MAX_ACTIVE of them at once.
+    batch: Optional[str] = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -129,6 +132,20 @@ class Failed(BaseModel):
     status: int = 500
 
 
+class ControlRequest(BaseModel):
+    """An operation on the ring itself rather than a generation, queued by the API."""
+
+    action: Literal["reset_prefix_cache"]
+
+
+class ControlDone(BaseModel):
+    """Rank 0 carried out a `ControlRequest`: what the prompt cache held before the reset."""
+
+    action: Literal["reset_prefix_cache"]
+    dropped_entries: int = 0
+    dropped_tokens: int = 0
+
+
 Event = Annotated[Union[Started, Delta, Requeued, Final, Failed], Field(discriminator="type")]
 TERMINAL = (Final, Failed)
 
@@ -142,3 +159,16 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(line: bytes) -> Event:
     return _EVENT.validate_json(line)
+
+
+class Supervision(BaseModel):
+    """What the supervisor (launcher/supervisor.py) last said, kept beside rank 0's
+    heartbeat: `/health`, the streams waiting on a ring that will not come back, and
+    `launch.sh status` read it."""
+
+    state: Literal["watching", "restarting", "gave_up"]
+    restarts: int = 0  # of the ring, since `start`
+    api_restarts: int = 0
+    last_cause: Optional[str] = None  # why the ring was last restarted
+    reason: Optional[str] = None  # why the supervisor gave up
+    time: float = 0.0

@@ -8,10 +8,13 @@ Layout under the root (directories 0700, files 0600):
     streams/<id>.jsonl   the request's events, one JSON object a line: started (rank 0
                          admitted it), delta, requeued, then final or error
     cancel/<id>          cancel marker
+    control/<id>.json    an operation on the ring (the dashboard's), waiting for rank 0
+    control/<id>.done    rank 0's answer to it, taken by the API
     quarantine/<id>.json in flight during two ring failures in a row: ended with an error,
                          kept (never purged) for a person to look at
     tmp/                 files being written, renamed into place when complete
     heartbeat.json       rank 0's latest status
+    supervision.json     the supervisor's latest word (restarts, last cause, given up)
 
 A request moves between incoming/, claimed/ and done/ only by rename, which is atomic,
 so it is always in exactly one of them. Ids are made here, sort by submission time and
@@ -31,14 +34,15 @@ from pydantic import ValidationError
 
 from spool.notify import DirWatch, watch_dir
 from spool.protocol import (
-    TERMINAL, Delta, Event, Failed, Final, Requeued, SpoolRequest, Usage, decode_event, encode_event,
+    TERMINAL, ControlDone, ControlRequest, Delta, Event, Failed, Final, Requeued, SpoolRequest, Supervision, Usage,
+    decode_event, encode_event,
 )
 
 _ID_RE = re.compile(r"[0-9]{20}-[0-9a-f]{12}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _FALLBACK_POLL = 0.005  # seconds between looks at incoming/ without inotify
-_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine")
+_SUBDIRS = ("incoming", "claimed", "done", "streams", "cancel", "tmp", "quarantine", "control")
 
 
 def check_id(request_id: str) -> str:
@@ -60,14 +64,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def stuck_since_requeued(events: list[Event]) -> bool:
+    """Whether a request was requeued before and has streamed no token since."""
+    for event in reversed(events):
+        if isinstance(event, Requeued):
+            return True
+        if isinstance(event, Delta) and event.token_ids:
+            return False
+    return False
+
+
+def make_dir(path: Path) -> Path:
+    """`path` (and its parents) with the spool's permissions."""
+    path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, _DIR_MODE)  # mkdir's mode is masked by umask; an old dir keeps its own
+    return path
+
+
+def write_atomic(tmp_dir: Path, dest: Path, data: bytes, durable: bool) -> None:
+    """Write `data` to a temp file in `tmp_dir` and rename it to `dest`; with `durable`,
+    sync both before returning. The rename comes first so a reader can start while the
+    disk syncs: callers report a thing accepted only once this returns, so one lost to a
+    crash in between was never accepted."""
+    tmp = tmp_dir / f"{_new_id()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.replace(tmp, dest)
+        if durable:
+            os.fsync(fd)
+            _fsync_dir(dest.parent)  # the rename itself must survive a power cut
+    finally:
+        os.close(fd)
+
+
+def touch(path: Path) -> None:
+    """Create the empty file `path` (a marker) unless it exists."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    """Append `data` to `path` in one O_APPEND write and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """The spool directory; every method is safe to call from several processes."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         for path in (self.root, *(self.root / d for d in _SUBDIRS)):
-            path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(path, _DIR_MODE)  # mkdir's mode is masked by umask; an old dir keeps its own
+            make_dir(path)
         self._incoming = self.root / "incoming"
         self._claimed = self.root / "claimed"
         self._done = self.root / "done"
@@ -75,29 +127,16 @@ class Spool:
         self._cancel = self.root / "cancel"
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
+        self._control = self.root / "control"
         self._heartbeat = self.root / "heartbeat.json"
+        self._supervision = self.root / "supervision.json"
         self._watch: DirWatch | None | bool = False  # False: not tried yet
+        self._is_batch_line: dict[str, bool] = {}  # waiting requests already read: batch lines or not
 
     # -- helpers ---------------------------------------------------------------
 
     def _stream(self, request_id: str) -> Path:
         return self._streams / f"{check_id(request_id)}.jsonl"
-
-    def _write_atomic(self, dest: Path, data: bytes, durable: bool) -> None:
-        """Write `data` to a temp file and rename it to `dest`; with `durable`, sync
-        both before returning. The rename comes first so rank 0 can start while the
-        disk syncs: callers report a request accepted only once this returns, so one
-        lost to a crash in between was never accepted."""
-        tmp = self._tmp / f"{_new_id()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        try:
-            os.write(fd, data)
-            os.replace(tmp, dest)
-            if durable:
-                os.fsync(fd)
-                _fsync_dir(dest.parent)  # the rename itself must survive a power cut
-        finally:
-            os.close(fd)
 
     def _ids(self, directory: Path) -> list[str]:
         """Ids of the requests in `directory`, oldest first; stray files are ignored."""
@@ -106,10 +145,12 @@ class Spool:
 
     # -- front side ------------------------------------------------------------
 
-    def submit(self, request: SpoolRequest) -> str:
-        """Queue `request` durably; return its new id."""
-        request_id = _new_id()
-        self._write_atomic(self._incoming / f"{request_id}.json", request.model_dump_json().encode(), durable=True)
+    def submit(self, request: SpoolRequest, request_id: str | None = None) -> str:
+        """Queue `request` durably; return its id: `request_id` when given (a batch line's,
+        made from the batch and the line, so its runner never queues it twice: see
+        known()), else a new one."""
+        request_id = check_id(request_id) if request_id is not None else _new_id()
+        write_atomic(self._tmp, self._incoming / f"{request_id}.json", request.model_dump_json().encode(), durable=True)
         return request_id
 
     def _withdraw(self, request_id: str, source: Path) -> None:
@@ -129,11 +170,15 @@ class Spool:
         self.append(request_id, Final(finish_reason="cancelled", usage=Usage.of(prompt, completion)))
         os.utime(done)
 
+    def known(self, request_id: str) -> bool:
+        """Whether the request was queued (waiting, running, finished or quarantined)."""
+        name = f"{check_id(request_id)}.json"
+        return any((d / name).exists() for d in (self._incoming, self._claimed, self._done, self._quarantine))
+
     def cancel(self, request_id: str) -> None:
         """Mark the request cancelled; one still waiting is withdrawn and finished here
         (a claimed one is left to rank 0, which sees the marker)."""
-        marker = self._cancel / check_id(request_id)
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+        touch(self._cancel / check_id(request_id))
         self._withdraw(request_id, self._incoming)
 
     def read_events(self, request_id: str, offset: int = 0) -> tuple[list[Event], int]:
@@ -155,7 +200,8 @@ class Spool:
         return [token for e in events if isinstance(e, Delta) for token in e.token_ids]
 
     def watch_streams(self) -> DirWatch | None:
-        """A watch whose changed() names the requests with new events (None without inotify)."""
+        """A watch whose changed() names the requests with new events (None where the
+        system offers no notifications, so readers poll)."""
         return watch_dir(self._streams, writes=True)
 
     def queue_depth(self) -> int:
@@ -170,11 +216,50 @@ class Spool:
             return None
         return info if isinstance(info, dict) else None
 
+    def read_supervision(self) -> Supervision | None:
+        """The supervisor's latest record, or None when no supervisor wrote one."""
+        try:
+            return Supervision.model_validate_json(self._supervision.read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
+
+    def write_supervision(self, record: Supervision | None) -> None:
+        """Replace the record; None removes it (a start or stop ends what it said)."""
+        if record is None:
+            self._supervision.unlink(missing_ok=True)
+        else:
+            write_atomic(self._tmp, self._supervision, record.model_dump_json().encode(), durable=False)
+
+    def submit_control(self, control: ControlRequest) -> str:
+        """Queue an operation on the ring for rank 0; return its id."""
+        control_id = _new_id()
+        write_atomic(self._tmp, self._control / f"{control_id}.json", control.model_dump_json().encode(), durable=False)
+        return control_id
+
+    def take_control_answer(self, control_id: str) -> ControlDone | None:
+        """Rank 0's answer to an operation, once there is one (removed as it is taken)."""
+        path = self._control / f"{check_id(control_id)}.done"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        path.unlink()
+        return ControlDone.model_validate_json(data)
+
+    def withdraw_control(self, control_id: str) -> None:
+        """Nobody waits for this operation any more: rank 0 need not carry it out."""
+        (self._control / f"{check_id(control_id)}.json").unlink(missing_ok=True)
+
     # -- rank-0 side -----------------------------------------------------------
 
-    def claim(self) -> tuple[str, SpoolRequest] | None:
-        """Take the oldest waiting request into claimed/; None if there is none."""
-        for request_id in self._ids(self._incoming):
+    def claim(self, take_batch: bool = True) -> tuple[str, SpoolRequest] | None:
+        """Take the oldest waiting interactive request into claimed/, else (with
+        `take_batch`) the oldest batch line; None if there is none."""
+        waiting = self._ids(self._incoming)
+        self._is_batch_line = {i: self._is_batch_line[i] for i in waiting if i in self._is_batch_line}
+        batch = {request_id for request_id in waiting if self._is_batch(request_id)}
+        order = [i for i in waiting if i not in batch] + ([i for i in waiting if i in batch] if take_batch else [])
+        for request_id in order:
             dest = self._claimed / f"{request_id}.json"
             try:
                 os.rename(self._incoming / f"{request_id}.json", dest)
@@ -186,14 +271,49 @@ class Spool:
                 self.finish(request_id, Failed(message=f"unreadable request: {err}", code="bad_request_file"))
         return None
 
+    def take_controls(self) -> list[tuple[str, ControlRequest]]:
+        """The operations waiting, oldest first, each taken out of the queue; an
+        unreadable one is dropped (its caller times out)."""
+        taken = []
+        for control_id in self._ids(self._control):
+            path = self._control / f"{control_id}.json"
+            try:
+                data = path.read_bytes()
+                path.unlink()
+            except FileNotFoundError:
+                continue  # withdrawn meanwhile
+            try:
+                taken.append((control_id, ControlRequest.model_validate_json(data)))
+            except ValidationError:
+                continue
+        return taken
+
+    def answer_control(self, control_id: str, done: ControlDone) -> None:
+        write_atomic(self._tmp, self._control / f"{check_id(control_id)}.done", done.model_dump_json().encode(),
+                     durable=False)
+
+    def _is_batch(self, request_id: str) -> bool:
+        """Whether a waiting request is a batch line. Its file is read once: rank 0 asks
+        at every step while batch lines wait for room."""
+        if request_id not in self._is_batch_line:
+            try:
+                batch = json.loads((self._incoming / f"{request_id}.json").read_bytes()).get("batch")
+            except (FileNotFoundError, ValueError, AttributeError):
+                return False  # gone, or unreadable: claimed and failed as such
+            self._is_batch_line[request_id] = bool(batch)
+        return self._is_batch_line[request_id]
+
     def requeue_claimed(self) -> tuple[list[str], list[str]]:
         """Put requests left in claimed/ by a dead rank 0 back in incoming/, to resume
         after the tokens they streamed; return the ids requeued and those quarantined.
 
         One whose final event was written already only missed its move to done/; one
         cancelled meanwhile (its client gone, or the API stopped) is finished as cancelled;
-        one requeued before (in flight during the last failure too, so perhaps its cause)
-        is ended with an error and quarantined rather than retried forever.
+        one requeued before that has streamed no token since (in flight during the last
+        failure too, and stuck where it was: perhaps its cause) is ended with an error and
+        quarantined rather than retried forever. One that made progress since is requeued
+        again: a ring that fails twice while a long stream runs does not cost it its answer,
+        and one that fails at the same token is quarantined at the next failure.
         """
         requeued, quarantined = [], []
         for request_id in self._ids(self._claimed):
@@ -204,9 +324,9 @@ class Spool:
             if self.is_cancelled(request_id):
                 self._withdraw(request_id, self._claimed)
                 continue
-            if any(isinstance(e, Requeued) for e in events):
+            if stuck_since_requeued(events):
                 self.append(request_id, Failed(message="quarantined: this request was in flight during two ring "
-                                               "failures in a row", code="quarantined"))
+                                               "failures in a row, with no token in between", code="quarantined"))
                 os.rename(self._claimed / f"{request_id}.json", self._quarantine / f"{request_id}.json")
                 quarantined.append(request_id)
                 continue
@@ -238,7 +358,7 @@ class Spool:
     def write_heartbeat(self, info: dict) -> None:
         """Replace heartbeat.json atomically; `time` defaults to now."""
         data = json.dumps({"time": time.time(), **info}, separators=(",", ":")).encode()
-        self._write_atomic(self._heartbeat, data, durable=False)
+        write_atomic(self._tmp, self._heartbeat, data, durable=False)
 
     def purge(self, retention_s: float) -> int:
         """Delete finished requests older than `retention_s`, with their streams and markers.
@@ -256,6 +376,7 @@ class Spool:
             removed += 1
         pending = {*self._ids(self._incoming), *self._ids(self._claimed)}
         strays = [p for p in self._cancel.iterdir() if p.name not in pending]
+        strays += self._control.glob("*.done")  # answers whose caller gave up
         for path in (*strays, *self._tmp.iterdir()):
             try:
                 if path.stat().st_mtime < cutoff:

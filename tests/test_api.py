@@ -37,7 +37,8 @@ from http_api import create_app
 from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
 from config import REPO_DIR, Settings, load_settings
 from spool import Spool
-from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest
+from spool.notify import watchfiles_watch
+from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest, Supervision
 from models.tiny import VOCAB_SIZE, make_tiny_model
 
 KEY = "sk-test-key"
@@ -263,7 +264,15 @@ def test_health(api: ApiServer) -> None:
     response = httpx.get(f"{api.url}/health")
     assert response.status_code == 200
     assert response.json() | {"time": 0} == {"status": "ok", "reason": None, "queue_depth": 0, "state": "ready",
-                                              "ranks": 2, "active": 0, "time": 0}
+                                              "ranks": 2, "active": 0, "time": 0, "supervisor": None}
+    watching = Supervision(state="watching", restarts=2, last_cause="rank 1 exited")
+    api.spool.write_supervision(watching)
+    response = httpx.get(f"{api.url}/health")
+    assert response.status_code == 200 and response.json()["supervisor"] == watching.model_dump()
+    api.spool.write_supervision(Supervision(state="gave_up", restarts=5, reason="RESTART_LIMIT=5 reached"))
+    response = httpx.get(f"{api.url}/health")
+    assert response.status_code == 503 and response.json()["reason"] == "the supervisor gave up: RESTART_LIMIT=5 reached"
+    api.spool.write_supervision(None)
     api.spool.write_heartbeat({"state": "ready", "time": time.time() - 5})  # > HEARTBEAT_TIMEOUT
     response = httpx.get(f"{api.url}/health")
     assert response.status_code == 503 and "ago" in response.json()["reason"]
@@ -583,10 +592,13 @@ def test_real_ring_completion_and_health(ring: ApiServer, tiny_model: Path) -> N
     assert httpx.get(f"{ring.url}/health").json()["status"] == "ok"
 
 
-def test_readers_poll_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path,
-                                      monkeypatch) -> None:
-    """A second front on the real rank's spool, whose stream readers poll."""
-    monkeypatch.setattr(Spool, "watch_streams", lambda self: None)
+@pytest.mark.parametrize("watcher", ["polling", "watchfiles"])
+def test_readers_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path, monkeypatch,
+                                 watcher: str) -> None:
+    """A second front on the real rank's spool, whose stream readers poll (no
+    notifications at all) or are woken by watchfiles (as on macOS)."""
+    watch = (lambda self: None) if watcher == "polling" else (lambda self: watchfiles_watch(self.root / "streams", True))
+    monkeypatch.setattr(Spool, "watch_streams", watch)
     messages = [{"role": "user", "content": "hi"}]
     reference = _mlx_lm_greedy(tiny_model, messages, 16)
     with ApiServer(_ring_settings(tiny_model, real_ring[0].settings.spool_dir)) as api:

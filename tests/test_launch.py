@@ -99,16 +99,18 @@ class Launcher:
             return {}
 
     def recorded_pid(self, name: str) -> int | None:
-        """The pid in RUN_DIR's pid file of the launcher or the API; None without one."""
+        """The pid in RUN_DIR's pid file of the launcher, the API or the supervisor; None
+        without one."""
         path = self.root / "run" / f"{name}.pid"
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        return record["launcher" if name == "launcher" else "process"]["pid"]
+        return {"launcher": record.get("launcher"), "api": record.get("process"), "supervisor": record}[name]["pid"]
 
     def note_pids(self) -> None:
-        """Remember the launcher's, the ranks' and the API's pids (all on this kernel)."""
-        self.pids.update(pid for pid in (self.recorded_pid("launcher"), self.recorded_pid("api")) if pid)
+        """Remember the launcher's, the ranks', the API's and the supervisor's pids (all on
+        this kernel)."""
+        self.pids.update(pid for name in ("launcher", "api", "supervisor") if (pid := self.recorded_pid(name)))
         self.pids.update(r["pid"] for r in self.heartbeat().get("ranks", []))
 
     def chat(self, url: str, timeout: float = 120) -> httpx.Response:
@@ -183,6 +185,7 @@ def stop_leaves_nothing(launcher: Launcher) -> None:
     alive = {pid for pid in launcher.pids if pid_alive(pid)}
     assert not alive, f"still alive after stop: {alive}"
     assert not (launcher.root / "run" / "launcher.pid").exists()
+    assert not (launcher.root / "run" / "supervisor.pid").exists()
     status = launcher.run("status", timeout=120)
     assert status.returncode != 0 and "ring: not running" in status.stdout
 
@@ -274,6 +277,7 @@ def test_local_mpi_start_status_restart_stop(local_mpi: Launcher) -> None:
     assert [r[7] for r in rows] == ["whole"] * 3, status.stdout
     assert "parallel: pipeline (PARALLEL=auto: the model cannot be split by tensor" in status.stdout
     assert "/health 200" in status.stdout
+    assert f"supervisor: pid {local_mpi.recorded_pid('supervisor')}, watching; ring restarts 0" in status.stdout
     restart_with_queued_request(local_mpi, url)
     logs = local_mpi.run("logs", "-n", "5", timeout=60)
     check_ok(logs, "logs")

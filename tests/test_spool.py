@@ -14,7 +14,8 @@ import pytest
 
 import spool.queue
 from spool import Spool
-from spool.protocol import Delta, Failed, Final, Requeued, SpoolRequest, Usage
+from spool.notify import WatchfilesWatch, watchfiles_watch
+from spool.protocol import Delta, Failed, Final, Requeued, SpoolRequest, Started, Usage
 
 FINAL = Final(finish_reason="stop", usage=Usage.of(1, 0))
 
@@ -205,7 +206,7 @@ def test_cancel_of_a_claimed_request_leaves_it_to_rank0(tmp_path: Path) -> None:
     assert sp.read_events(request_id) == ([], 0)
 
 
-def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_the_second_time(tmp_path: Path) -> None:
+def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_when_stuck(tmp_path: Path) -> None:
     sp = Spool(tmp_path)
     request_id = sp.submit(request([1, 2]))
     sp.claim()
@@ -216,7 +217,11 @@ def test_a_requeued_request_resumes_after_its_tokens_and_is_quarantined_the_seco
     sp.claim()
     sp.append(request_id, Delta(text="c", token_ids=[9]))
     assert sp.streamed_tokens(request_id) == [7, 8, 9]
-    # In flight during a second ring failure: ended, and kept where purge never looks.
+    # In flight during a second failure, but it had moved on: requeued again.
+    assert sp.requeue_claimed() == ([request_id], [])
+    sp.claim()
+    sp.append(request_id, Delta(text="", token_ids=[]))
+    # A third failure with no token since the last: ended, and kept where purge never looks.
     assert sp.requeue_claimed() == ([], [request_id])
     events, _ = sp.read_events(request_id)
     assert isinstance(events[-1], Failed) and events[-1].code == "quarantined"
@@ -305,6 +310,25 @@ def test_wait_for_work_wakes_on_submit(tmp_path: Path) -> None:
         assert _has_inotify()  # the notification path, not the polling one, is under test
     assert _wake_latency(sp) < 0.05  # includes the submit's own fsyncs
     assert sp.wait_for_work(1.0)  # returns at once while work is waiting
+
+
+def test_wait_for_work_wakes_through_watchfiles(tmp_path: Path, monkeypatch) -> None:
+    """The watcher of systems without inotify (macOS), run here on Linux's inotify
+    underneath: a submit wakes rank 0, and a stream write wakes its reader."""
+    monkeypatch.setattr(spool.queue, "watch_dir", lambda path, writes=False: watchfiles_watch(path, writes))
+    sp = Spool(tmp_path)
+    assert sp.wait_for_work(0.02) is False
+    assert isinstance(sp._watch, WatchfilesWatch)
+    assert _wake_latency(sp) < 0.05
+    streams = sp.watch_streams()
+    request_id = sp.submit(request())
+    sp.append(request_id, Started())
+    assert streams.wait(2.0)
+    sp.append(request_id, Started())
+    deadline = time.monotonic() + 2
+    while not (changed := streams.changed()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert changed == {request_id}
 
 
 def test_wait_for_work_polls_without_notifications(tmp_path: Path, monkeypatch) -> None:
