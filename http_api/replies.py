@@ -75,9 +75,12 @@ class ChatReply(OpenAIReply):
     def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None = None) -> list[str]:
         if self.tool_texts is None:
             return [sse(self._chunk(index, ChunkDelta(content=text), logprobs=self._logprobs(logprobs)))]
-        tool_text = self.tool_texts[index]
-        calls_before = tool_text.calls
-        content, calls = tool_text.split(text)
+        calls_before = self.tool_texts[index].calls
+        content, calls = self.tool_texts[index].split(text)
+        return self._content_and_calls(index, content, calls, calls_before, logprobs)
+
+    def _content_and_calls(self, index: int, content: str, calls: list[ParsedCall], calls_before: int,
+                           logprobs: list[TokenLogprob] | None) -> list[str]:
         frames = []
         if content:
             frames.append(sse(self._chunk(index, ChunkDelta(content=content), logprobs=self._logprobs(logprobs))))
@@ -87,8 +90,11 @@ class ChatReply(OpenAIReply):
         return frames
 
     def choice_end(self, index: int, final: Final) -> list[str]:
-        rest = self.tool_texts[index].finish() if self.tool_texts is not None else ""
-        frames = [sse(self._chunk(index, ChunkDelta(content=rest)))] if rest else []
+        frames = []
+        if self.tool_texts is not None:
+            calls_before = self.tool_texts[index].calls
+            rest, calls = self.tool_texts[index].split("", final.stop_sequence, last=True)
+            frames = self._content_and_calls(index, rest, calls, calls_before, None)
         return frames + [sse(self._chunk(index, ChunkDelta(), self._finish_reason(index, final)))]
 
     def closing(self, finals: list[Final], usage: Usage) -> list[str]:
@@ -99,8 +105,7 @@ class ChatReply(OpenAIReply):
         calls: list[ToolCall] = []
         content: str | None = outcome.text
         if self.tool_texts is not None:
-            content, parsed = self.tool_texts[index].split(outcome.text)
-            content += self.tool_texts[index].finish()
+            content, parsed = self.tool_texts[index].split(outcome.text, outcome.final.stop_sequence, last=True)
             calls = [tool_call(call) for call in parsed]
             if calls and not content.strip():
                 content = None

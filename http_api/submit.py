@@ -198,6 +198,7 @@ class ToolPrompt:
     tokens: list[int]
     grammar: str | None  # a forced call's
     tool_text: Callable[[], ToolCallText] | None  # a parser of the calls in one choice's output
+    stop: list[str]  # where the output stops beside the request's own stop strings
 
 
 def tool_prompt(tokenizer: Any, messages: list[dict], spec: ToolSpec) -> ToolPrompt:
@@ -206,7 +207,8 @@ def tool_prompt(tokenizer: Any, messages: list[dict], spec: ToolSpec) -> ToolPro
     tools = spec.template_tools()
     tokens = chat_tokens(tokenizer, messages, tools)
     return ToolPrompt(tokens, tool_grammar(tokenizer, spec),
-                      partial(ToolCallText, tokenizer, tools) if tools else None)
+                      partial(ToolCallText, tokenizer, tools, spec.one_call) if tools else None,
+                      [tokenizer.tool_call_end] if spec.one_call else [])
 
 
 def chat_work(served: Any, body: ChatCompletionRequest) -> tuple[Work, ReplyFor]:
@@ -219,8 +221,7 @@ def chat_work(served: Any, body: ChatCompletionRequest) -> tuple[Work, ReplyFor]
                        param="tool_choice")
     prompt = tool_prompt(tokenizer, body.chat(), spec)
     work = openai_work(body, prompt.tokens, served.defaults)
-    if prompt.grammar is not None:
-        work = replace(work, grammar=prompt.grammar)
+    work = replace(work, grammar=work.grammar or prompt.grammar, stop=work.stop + prompt.stop)
     logprob_text = LogprobText(tokenizer) if work.logprobs is not None else None
     return work, lambda request_id, created: ChatReply(request_id, created, body.model, work.choices,
                                                        body.include_usage(), prompt.tool_text, logprob_text)

@@ -27,6 +27,13 @@ class ToolSpec:
     def forced(self) -> bool:
         return bool(self.tools) and (self.choice == "required" or self.named is not None)
 
+    @property
+    def one_call(self) -> bool:
+        """At most one call, left to the model: its output stops at the end of its first
+        call (the template's end marker as a stop string). A forced call's grammar
+        already counts the calls."""
+        return not self.parallel and not self.forced and self.template_tools() is not None
+
     def template_tools(self) -> list[dict] | None:
         """The tools for the chat template; none when the model must not call one."""
         return self.tools if self.tools and self.choice != "none" else None
@@ -81,11 +88,13 @@ def tool_grammar(tokenizer: Any, spec: ToolSpec) -> str | None:
 
 class ToolCallText:
     """Splits a chat reply's text into content and tool calls as it arrives: text
-    between the template's call markers is held until the call ends, then parsed."""
+    between the template's call markers is held until the call ends, then parsed. With
+    `one_call`, the output stopped at its first call's end marker (a stop string, so not
+    in the text): that ends the call."""
 
-    def __init__(self, tokenizer: Any, tools: list[dict]) -> None:
+    def __init__(self, tokenizer: Any, tools: list[dict], one_call: bool = False) -> None:
         self.start, self.end = tokenizer.tool_call_start, tokenizer.tool_call_end
-        self.parse, self.tools = tokenizer.tool_parser, tools
+        self.parse, self.tools, self.one_call = tokenizer.tool_parser, tools, one_call
         self.pending = ""
         self.calls = 0
 
@@ -110,15 +119,22 @@ class ToolCallText:
             pieces.append(self._call(self.pending[at + len(self.start):close]))
             self.pending = self.pending[close + len(self.end):]
 
-    def split(self, text: str) -> tuple[str, list[ParsedCall]]:
-        """`feed`, as the content and the calls apart."""
-        pieces = self.feed(text)
-        return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ParsedCall)]
+    def stopped_at_call_end(self, stop_sequence: str | None) -> bool:
+        """Whether the output ended at the end marker this parser asked to stop at."""
+        return self.one_call and stop_sequence == self.end
 
-    def finish(self) -> str:
-        """Text left over at the end (an unfinished call stays text)."""
+    def finish(self, stop_sequence: str | None = None) -> list[str | ParsedCall]:
+        """What is left at the end, in order (an unfinished call stays text); a call the
+        output stopped at the end of is completed."""
+        ended = self.stopped_at_call_end(stop_sequence) and self.pending.startswith(self.start)
+        pieces = self.feed(self.end) if ended else []
         rest, self.pending = self.pending, ""
-        return rest
+        return pieces + ([rest] if rest else [])
+
+    def split(self, text: str, stop_sequence: str | None = None, last: bool = False) -> tuple[str, list[ParsedCall]]:
+        """`feed` (and with `last`, `finish`), as the content and the calls apart."""
+        pieces = self.feed(text) + (self.finish(stop_sequence) if last else [])
+        return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ParsedCall)]
 
     def _call(self, text: str) -> ParsedCall:
         try:

@@ -181,6 +181,16 @@ def test_tool_results_reach_the_template(tool_api: ApiServer, tool_model: Path) 
     assert count.input_tokens == len(tokens)
 
 
+def test_one_tool_use_stops_at_its_end(tool_api: ApiServer) -> None:
+    """disable_parallel_tool_use with the choice left to the model: rank 0 stops the output at
+    the end of its first call (tests/test_tool_calls.py shows that stop ending the call)."""
+    message = _client(tool_api).messages.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=4,
+                                                stop_sequences=["zz"],
+                                                tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert _spooled_request(tool_api, message.id.removeprefix("msg_")).stop == ["zz", "</tool_call>"]
+    assert message.stop_sequence is None and message.stop_reason == "max_tokens"
+
+
 @pytest.mark.parametrize("patch, named", [
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
     ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, "input_schema"),

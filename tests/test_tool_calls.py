@@ -1,19 +1,27 @@
 """Tool calling through the official `openai` client against real ranks, on a tiny model
 whose chat template supports tools (mlx-lm reads its calls with its json_tools parser):
-a forced call round trip, streamed calls, `tool_choice` none and auto, and refusals."""
+a forced call round trip, streamed calls, `tool_choice` none and auto, one call stopping
+at its end, and refusals."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import jsonschema
 import openai
 import pytest
-from test_api import ApiServer, _ring_settings, ring_and_api
+from mlx_lm.utils import load_tokenizer
+from test_api import ApiServer, _ring_settings, _spooled_request, ring_and_api
 
+from http_api.anthropic.replies import MessageReply
+from http_api.replies import ChatReply
+from http_api.streaming import Outcome
+from http_api.tools import ToolCallText
 from models.tiny import make_tiny_model
+from spool.protocol import Final, Usage
 
 # ChatML with Qwen's tool conventions: tools listed in the system turn, calls written as
 # <tool_call>{"name": ..., "arguments": ...}</tool_call>, results as tool turns.
@@ -115,6 +123,36 @@ def test_auto_leaves_the_choice_to_the_model(api: ApiServer) -> None:
     reply = _client(api).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8,
                                                  temperature=0)
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
+
+
+def test_one_call_stops_at_its_end(api: ApiServer, model: Path) -> None:
+    """parallel_tool_calls false, the choice left to the model: the output stops at the end
+    marker of its first call (a stop string on rank 0), and that stop ends the call."""
+    client = _client(api)
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
+                                           parallel_tool_calls=False, temperature=0)
+    stops = _spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop
+    assert stops == ["</tool_call>"] and reply.choices[0].message.content
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
+                                           temperature=0, stop=["zz"])
+    assert _spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop == ["zz"]
+    # What a model that calls a tool writes, cut at the stop string, as rank 0 ends it.
+    tokenizer = load_tokenizer(model)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n'
+    final = Final(finish_reason="stop", stop_sequence="</tool_call>", usage=Usage.of(10, 20))
+    one_call = partial(ToolCallText, tokenizer, TOOLS, True)
+    choice = ChatReply("r", 0, "tiny", tool_text=one_call).whole([Outcome(text, final, None)], final.usage).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Rome", "days": 3}
+    streamed = ChatReply("r", 0, "tiny", tool_text=one_call)
+    chunks = [json.loads(f.removeprefix("data: ")) for f in streamed.delta(0, text) + streamed.choice_end(0, final)]
+    calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+    assert [[call["function"]["name"] for call in c] for c in calls] == [["get_weather"]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    message = MessageReply("r", "tiny", 10, one_call).whole(
+        [Outcome(text, final, None)], final.usage)
+    assert message.stop_reason == "tool_use" and message.stop_sequence is None
+    assert [b.type for b in message.content] == ["tool_use"] and message.content[0].input == {"city": "Rome", "days": 3}
 
 
 def test_tool_refusals(api: ApiServer, tmp_path: Path) -> None:

@@ -49,8 +49,14 @@ class MessageReply:
         self.text_open = False  # the last one is a text block still open
         self.space = ""  # whitespace held: it starts a text block only if text follows, or no call does
 
+    def _stop_sequence(self, final: Final) -> str | None:
+        """The request's stop sequence that ended the output; not the call's end marker a
+        single call stops at."""
+        ours = self.tool_text is not None and self.tool_text.stopped_at_call_end(final.stop_sequence)
+        return None if ours else final.stop_sequence
+
     def _stop_reason(self, final: Final) -> str | None:
-        if final.stop_sequence is not None:
+        if self._stop_sequence(final) is not None:
             return "stop_sequence"
         called = self.tool_text is not None and self.tool_text.calls > 0
         return "tool_use" if called and final.finish_reason == "stop" else _STOP_REASONS[final.finish_reason]
@@ -59,7 +65,7 @@ class MessageReply:
         [outcome] = outcomes  # Anthropic's API has no n
         pieces: list[str | ParsedCall] = [outcome.text]
         if self.tool_text is not None:
-            pieces = self.tool_text.feed(outcome.text) + [self.tool_text.finish()]
+            pieces = self.tool_text.feed(outcome.text) + self.tool_text.finish(outcome.final.stop_sequence)
         content: list[TextContent | ToolUseContent] = []
         for piece in pieces:
             if isinstance(piece, ParsedCall):
@@ -73,7 +79,7 @@ class MessageReply:
             content = [b for b in content if not isinstance(b, TextContent) or b.text.strip()]
         return MessageResponse(id=self.id, model=self.model, content=content or [TextContent(text="")],
                                stop_reason=self._stop_reason(outcome.final),
-                               stop_sequence=outcome.final.stop_sequence, usage=_usage(usage))
+                               stop_sequence=self._stop_sequence(outcome.final), usage=_usage(usage))
 
     # The stream: blocks are numbered as they start.
 
@@ -127,8 +133,8 @@ class MessageReply:
         return self._text(text)
 
     def choice_end(self, index: int, final: Final) -> list[str]:
-        rest = self.tool_text.finish() if self.tool_text is not None else ""
-        frames = self._piece(rest) if rest else []
+        rest = self.tool_text.finish(final.stop_sequence) if self.tool_text is not None else []
+        frames = [frame for piece in rest for frame in self._piece(piece)]
         if self.space and not self.tool_text.calls:
             frames += self._text(self.space)
         if not self.blocks:  # nothing at all: one empty text block, as in the whole reply
@@ -137,7 +143,7 @@ class MessageReply:
 
     def closing(self, finals: list[Final], usage: Usage) -> list[str]:
         [final] = finals
-        stop = {"stop_reason": self._stop_reason(final), "stop_sequence": final.stop_sequence}
+        stop = {"stop_reason": self._stop_reason(final), "stop_sequence": self._stop_sequence(final)}
         return [event("message_delta", {"delta": stop, "usage": _usage(usage).model_dump()}),
                 event("message_stop", {})]
 

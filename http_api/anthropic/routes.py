@@ -24,8 +24,8 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     prompt = tool_prompt(served.tokenizer, body.chat(), body.tool_spec())
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
     sampling = served.defaults.model_copy(update={k: v for k, v in given.items() if v is not None})
-    work = Work("chat", prompt.tokens, body.max_tokens, sampling, body.stop_sequences or [], body.stream, "messages",
-                prompt.grammar)
+    work = Work("chat", prompt.tokens, body.max_tokens, sampling, (body.stop_sequences or []) + prompt.stop,
+                body.stream, "messages", prompt.grammar)
     return await answer(request, work, lambda request_id, created: MessageReply(
         request_id, body.model, len(prompt.tokens), prompt.tool_text))
 
