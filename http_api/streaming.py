@@ -138,8 +138,8 @@ async def _follow(index: int, first: Event, events: AsyncIterator[Event | KeepAl
 
 async def _merged(starts: list[tuple[Event, AsyncIterator[Event | KeepAlive]]]
                   ) -> AsyncIterator[tuple[int, Event | KeepAlive | APIError | None]]:
-    """The events of every choice as they come, each with its choice's index; None once a
-    choice's feed ended without a final event (the client left)."""
+    """The events of every choice as they come, each with its choice's index; then None
+    once that choice's events end (after its final event, or with the client gone)."""
     merged: asyncio.Queue = asyncio.Queue()
     tasks = [asyncio.create_task(_follow(i, first, events, merged)) for i, (first, events) in enumerate(starts)]
     for index, task in enumerate(tasks):

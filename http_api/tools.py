@@ -21,7 +21,7 @@ class ToolSpec:
     tools: list[dict]  # {"type": "function", "function": {"name", "description", "parameters"}}
     choice: Literal["auto", "none", "required"]  # "required": some tool must be called
     named: str | None = None  # the one tool that must be called
-    parallel: bool = True  # more than one call allowed (enforced when a call is forced)
+    parallel: bool = True  # more than one call allowed; if not, see `one_call` and the forced grammar
 
     @property
     def forced(self) -> bool:
