@@ -1,0 +1,119 @@
+"""Synthetic GGUF files in every supported tensor type and architecture, converted and run
+by mlx-lm, against the same files dequantized to float32 by `gguf`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from gguf import quants
+from gguf_synth import float_reference, smollm_tokenizer_metadata, tensor_bytes, write_tiny_gguf
+
+from models import resolve_model
+from models.gguf_arch import ARCHITECTURES
+from models.gguf_tensors import GROUP_SIZE, QUANTIZED_BITS, SUPPORTED_TYPES, dequantized
+
+TEXT = "The quick brown fox jumps over the lazy dog, 12345 times!"
+# Types the `gguf` package can quantize: their original float values are known.
+WITH_QUANTIZER = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+# One tensor type per architecture, so each family also meets a different quantization.
+ARCH_TYPES = {
+    "llama": QType.Q4_K, "mistral": QType.Q6_K, "qwen2": QType.Q5_0, "qwen3": QType.Q8_0,
+    "qwen3moe": QType.Q4_K, "gemma2": QType.Q5_K, "gemma3": QType.Q4_K, "phi3": QType.Q3_K,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_metadata() -> dict:
+    return smollm_tokenizer_metadata()
+
+
+def relative_error(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.sqrt(mx.mean((a - b) ** 2)) / mx.sqrt(mx.mean(b**2))).item()
+
+
+def logits(path: Path) -> mx.array:
+    model, tokenizer = mlx_lm.load(str(path))
+    return model(mx.array(tokenizer.encode(TEXT))[None])
+
+
+def convert_and_compare(tmp_path: Path, arch: str, kind: QType, metadata: dict, quant=None) -> tuple[Path, float]:
+    """Convert a tiny `arch` file in `kind`; the relative logit error against the
+    dequantized reference carrying the same MLX re-quantization."""
+    source = write_tiny_gguf(tmp_path / f"{arch}-{kind.name}.gguf", arch, kind, metadata)
+    converted = Path(resolve_model(str(source), tmp_path / "cache", quant))
+    reference = float_reference(source, converted, tmp_path / "reference", requantized=True)
+    return converted, relative_error(logits(converted), logits(reference))
+
+
+@pytest.mark.parametrize("kind", WITH_QUANTIZER, ids=lambda k: k.name)
+def test_requantization_adds_no_more_error_than_the_source(kind: QType) -> None:
+    rng = np.random.default_rng(1)
+    original = (0.05 * rng.standard_normal((256, 1024))).astype(np.float32)
+    source = dequantized(quants.quantize(original, kind), kind)
+    bits = QUANTIZED_BITS[kind]
+    packed = mx.quantize(mx.array(source), group_size=GROUP_SIZE, bits=bits)
+    requantized = np.array(mx.dequantize(*packed, group_size=GROUP_SIZE, bits=bits))
+    source_error = np.sqrt(np.mean((source - original) ** 2))
+    added_error = np.sqrt(np.mean((requantized - source) ** 2))
+    print(f"{kind.name}: source RMS error {source_error:.2e}, added by {bits}-bit MLX {added_error:.2e}")
+    assert added_error <= source_error
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_TYPES, ids=lambda k: k.name)
+def test_every_tensor_type(tmp_path: Path, tokenizer_metadata: dict, kind: QType) -> None:
+    converted, error = convert_and_compare(tmp_path, "llama", kind, tokenizer_metadata)
+    config = json.loads((converted / "config.json").read_text())
+    if kind in QUANTIZED_BITS:
+        assert config["quantization"]["bits"] == QUANTIZED_BITS[kind]
+    else:
+        assert "quantization" not in config
+    assert error < 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_every_architecture(tmp_path: Path, tokenizer_metadata: dict, arch: str) -> None:
+    converted, error = convert_and_compare(tmp_path, arch, ARCH_TYPES[arch], tokenizer_metadata)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == ARCHITECTURES[arch].model_type
+    assert error < 1e-3
+
+
+@pytest.mark.parametrize("quant", ["4", "6", "8", "float16"])
+def test_gguf_quant_forces_the_form(tmp_path: Path, tokenizer_metadata: dict, quant: str) -> None:
+    converted, error = convert_and_compare(tmp_path, "llama", QType.Q5_K, tokenizer_metadata, quant)
+    config = json.loads((converted / "config.json").read_text())
+    assert converted.name.endswith("-float16" if quant == "float16" else f"-q{quant}")
+    if quant == "float16":
+        assert "quantization" not in config
+        assert mx.load(str(converted / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].dtype == mx.float16
+    else:
+        assert config["quantization"]["bits"] == int(quant)
+    assert error < 2e-3  # float16 weights against float32 ones
+
+
+def test_the_quantized_layers_keep_float32_scales(tmp_path: Path, tokenizer_metadata: dict) -> None:
+    source = write_tiny_gguf(tmp_path / "q4k.gguf", "gemma3", QType.Q4_K, tokenizer_metadata)
+    weights = mx.load(str(Path(resolve_model(str(source), tmp_path / "cache")) / "model.safetensors"))
+    scales = {k: v.dtype for k, v in weights.items() if k.endswith((".scales", ".biases", "norm.weight"))}
+    assert scales and set(scales.values()) == {mx.float32}
+
+
+def test_a_wrong_convention_is_caught(tmp_path: Path, tokenizer_metadata: dict) -> None:
+    """The reference is sensitive to what the conversion is tested for: the same file
+    read without undoing llama.cpp's Q/K row order gives very different logits."""
+    source = write_tiny_gguf(tmp_path / "llama.gguf", "llama", QType.F32, tokenizer_metadata)
+    converted = Path(resolve_model(str(source), tmp_path / "cache"))
+    weights = mx.load(str(converted / "model.safetensors"))
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    half = q.shape[0] // 8  # one head's rotary half
+    weights["model.layers.0.self_attn.q_proj.weight"] = mx.concatenate([q[half:], q[:half]])
+    mx.save_safetensors(str(converted / "model.safetensors"), weights)
+    reference = float_reference(source, converted, tmp_path / "reference")
+    assert relative_error(logits(converted), logits(reference)) > 1e-2

