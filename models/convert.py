@@ -12,8 +12,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from models.gguf_arch import Architecture, architecture, model_config
-from models.gguf_file import GGUFHeader, read_header
+from models.gguf_arch import ROPE_FREQS, Architecture, architecture, model_config
+from models.gguf_file import GGUFHeader, TensorInfo, read_header
 from models.gguf_tensors import SUPPORTED_TYPES, Target, read_tensor, target
 from models.tokenizer import build_tokenizer, check_tokenizer, write_tokenizer
 
@@ -39,12 +39,16 @@ def convert_gguf(src: Path, header: GGUFHeader, dst: Path, forced: Optional[str]
     """
     name, arch = architecture(header.metadata)
     tokenizer = build_tokenizer(header.metadata)
-    forms = {t.name: target(t, forced) for t in header.tensors}
-    config = model_config(name, arch, header.metadata, set(forms))
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    tensors = [t for t in header.tensors if t.name != ROPE_FREQS]
+    rope = next((t for t in header.tensors if t.name == ROPE_FREQS), None)
+    rope_factors = np.array(read_tensor(data, rope, Target())["weight"]) if rope else None
+    forms = {t.name: target(t, forced) for t in tensors}
+    config = model_config(name, arch, header.metadata, set(forms), rope_factors)
     quantization = quantization_config(arch, forms)
     if quantization:
         config["quantization"] = quantization
-    weights = convert_weights(src, header, arch, config, forms)
+    weights = convert_weights(src.name, data, tensors, arch, config, forms)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tokenizer, header.metadata, config["max_position_embeddings"], dst)
@@ -52,14 +56,15 @@ def convert_gguf(src: Path, header: GGUFHeader, dst: Path, forced: Optional[str]
 
 def check_supported(header: GGUFHeader) -> None:
     """ValueError naming the architecture, tensor or tensor type this converter cannot handle."""
-    _, arch = architecture(header.metadata)
+    name, arch = architecture(header.metadata)
     for tensor in header.tensors:
         if tensor.type not in SUPPORTED_TYPES:
             raise ValueError(
                 f"unsupported GGUF tensor type {tensor.type.name} (tensor {tensor.name!r}); "
                 f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
             )
-        arch.module_name(tensor.name)
+        if not (tensor.name == ROPE_FREQS and name == "llama"):
+            arch.module_name(tensor.name)
 
 
 def quantization_config(arch: Architecture, forms: dict[str, Target]) -> Optional[dict[str, Any]]:
@@ -82,15 +87,15 @@ def quantization_config(arch: Architecture, forms: dict[str, Target]) -> Optiona
 
 
 def convert_weights(
-    src: Path, header: GGUFHeader, arch: Architecture, config: dict[str, Any], forms: dict[str, Target]
+    file_name: str, data: np.ndarray, tensors: list[TensorInfo], arch: Architecture, config: dict[str, Any],
+    forms: dict[str, Target],
 ) -> dict[str, mx.array]:
     """mlx-lm weights: renamed, Q/K rows in HF order, Gemma norms without llama.cpp's + 1."""
-    data = np.memmap(src, dtype=np.uint8, mode="r")
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    total = sum(t.nbytes for t in header.tensors)
+    total = sum(t.nbytes for t in tensors)
     done, last_report, start = 0, time.monotonic(), time.monotonic()
     weights = {}
-    for tensor in header.tensors:
+    for tensor in tensors:
         parameter = arch.module_name(tensor.name)
         parts = read_tensor(data, tensor, forms[tensor.name])
         layer_kind = tensor.name.split(".")[-2]
@@ -106,9 +111,9 @@ def convert_weights(
         done += tensor.nbytes
         if time.monotonic() - last_report >= PROGRESS_EVERY:
             last_report = time.monotonic()
-            log.info("converting %s: %d%% of %.0f MB", src.name, 100 * done // total, total / 2**20)
+            log.info("converting %s: %d%% of %.0f MB", file_name, 100 * done // total, total / 2**20)
     log.info("converted %d GGUF tensors (%.0f MB) from %s in %.1f s",
-             len(header.tensors), total / 2**20, src.name, time.monotonic() - start)
+             len(tensors), total / 2**20, file_name, time.monotonic() - start)
     return weights
 
 

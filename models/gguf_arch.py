@@ -9,9 +9,15 @@ themselves (1 is subtracted here).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 Metadata = dict[str, Any]
+# Llama 3.1+ files: llama.cpp's per-frequency rope factors, a tensor that feeds the config.
+ROPE_FREQS = "rope_freqs.weight"
 
 _GLOBAL_MODULES = {
     "token_embd": "model.embed_tokens",
@@ -131,8 +137,11 @@ def architecture(meta: Metadata) -> tuple[str, Architecture]:
     return name, ARCHITECTURES[name]
 
 
-def model_config(name: str, arch: Architecture, meta: Metadata, tensor_names: set[str]) -> dict[str, Any]:
-    """config.json for the mlx-lm model (without its `quantization` entry)."""
+def model_config(
+    name: str, arch: Architecture, meta: Metadata, tensor_names: set[str], rope_factors: Optional[np.ndarray]
+) -> dict[str, Any]:
+    """config.json for the mlx-lm model (without its `quantization` entry); `rope_factors`
+    is the file's ROPE_FREQS tensor, if it has one."""
     hidden = _require(meta, f"{name}.embedding_length")
     heads = _require(meta, f"{name}.attention.head_count")
     config: dict[str, Any] = {
@@ -152,7 +161,27 @@ def model_config(name: str, arch: Architecture, meta: Metadata, tensor_names: se
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    if rope_factors is not None:
+        config["rope_scaling"] = llama3_rope_scaling(rope_factors, config["head_dim"], config["rope_theta"])
     return config | arch.extra_config(name, meta)
+
+
+def llama3_rope_scaling(factors: np.ndarray, head_dim: int, base: float) -> dict[str, Any]:
+    """mlx-lm's "llama3" rope scaling that gives the file's per-frequency factors.
+
+    The file keeps only the factors; every Llama 3.1-3.3 model derives them from the
+    same low/high frequency factors and original context, with its own overall factor.
+    """
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = Llama3RoPE(head_dim, base=base, scaling_config=scaling)
+    implied = np.array(rope._freqs / base ** (mx.arange(0, head_dim, 2) / head_dim))
+    if implied.shape != factors.shape or not np.allclose(implied, factors, rtol=1e-3):
+        raise ValueError(
+            f"unsupported GGUF tensor {ROPE_FREQS!r}: its factors are not Llama 3's rope scaling "
+            f"(low/high frequency factors 1 and 4, original context 8192, factor {scaling['factor']:g})"
+        )
+    return scaling
 
 
 def _require(meta: Metadata, key: str) -> Any:

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import quants
 
 from models.convert import unpermute_rows
-from models.gguf_arch import ARCHITECTURES
+from models.gguf_arch import ARCHITECTURES, ROPE_FREQS
 from models.gguf_file import read_header
 from models.gguf_tensors import dequantized
 from models.source import default_gguf
@@ -131,8 +131,11 @@ def _tensor_shapes(arch: str, vocab: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_tiny_gguf(path: Path, arch: str, kind: QType, tokenizer: dict, seed: int = 0) -> Path:
-    """A tiny `arch` model with every matrix in `kind` (vectors and the router float32)."""
+def write_tiny_gguf(
+    path: Path, arch: str, kind: QType, tokenizer: dict, seed: int = 0, rope_factors: np.ndarray | None = None
+) -> Path:
+    """A tiny `arch` model with every matrix in `kind` (vectors and the router float32);
+    `rope_factors`: a Llama 3.1-style rope_freqs tensor."""
     rng = np.random.default_rng(seed)
     vocab = len(tokenizer["tokenizer.ggml.tokens"])
     writer = GGUFWriter(str(path), arch)
@@ -148,6 +151,8 @@ def write_tiny_gguf(path: Path, arch: str, kind: QType, tokenizer: dict, seed: i
         matrix_kind = QType.F32 if "ffn_gate_inp" in name else kind
         data = tensor_bytes(values, matrix_kind, rng)
         writer.add_tensor(name, data, raw_dtype=matrix_kind if data.dtype == np.uint8 else None)
+    if rope_factors is not None:
+        writer.add_tensor(ROPE_FREQS, rope_factors.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -177,7 +182,7 @@ def float_reference(gguf_path: Path, converted: Path, out: Path, requantized: bo
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     data = np.memmap(gguf_path, dtype=np.uint8, mode="r")
     weights = {}
-    for tensor in header.tensors:
+    for tensor in (t for t in header.tensors if t.name != ROPE_FREQS):
         shape = tuple(reversed(tensor.shape))
         rows = data[tensor.offset : tensor.offset + tensor.nbytes].reshape(int(np.prod(shape[:-1])), -1)
         array = mx.array(dequantized(rows, tensor.type).reshape(shape))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 from gguf import quants
-from gguf_synth import float_reference, smollm_tokenizer_metadata, tensor_bytes, write_tiny_gguf
+from gguf_synth import HEAD_DIM, float_reference, smollm_tokenizer_metadata, write_tiny_gguf
 
 from models import resolve_model
 from models.gguf_arch import ARCHITECTURES
@@ -117,3 +117,43 @@ def test_a_wrong_convention_is_caught(tmp_path: Path, tokenizer_metadata: dict) 
     mx.save_safetensors(str(converted / "model.safetensors"), weights)
     reference = float_reference(source, converted, tmp_path / "reference")
     assert relative_error(logits(converted), logits(reference)) > 1e-2
+
+
+def llama31_rope_factors(factor: float, head_dim: int, base: float) -> np.ndarray:
+    """rope_freqs as llama.cpp's convert_hf_to_gguf.py writes them for Llama 3.1."""
+    low, high, old_context = 1.0, 4.0, 8192
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors)
+
+
+def test_llama3_rope_freqs_become_llama3_rope_scaling(tmp_path: Path, tokenizer_metadata: dict) -> None:
+    metadata = tokenizer_metadata | {"tokenizer.ggml.pre": "llama-bpe"}
+    factors = llama31_rope_factors(32.0, HEAD_DIM, 500000.0)
+    source = write_tiny_gguf(tmp_path / "llama32.gguf", "llama", QType.Q4_K, metadata, rope_factors=factors)
+    data = bytearray(source.read_bytes())  # rope base 500000 as in Llama 3
+    key = b"llama.rope.freq_base"
+    at = data.index(key) + len(key) + 4
+    data[at : at + 4] = np.float32(500000.0).tobytes()
+    source.write_bytes(data)
+    converted = Path(resolve_model(str(source), tmp_path / "cache"))
+    config = json.loads((converted / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    reference = float_reference(source, converted, tmp_path / "reference", requantized=True)
+    assert relative_error(logits(converted), logits(reference)) < 1e-3
+
+
+def test_other_rope_freqs_are_refused(tmp_path: Path, tokenizer_metadata: dict) -> None:
+    factors = np.linspace(1.0, 4.0, HEAD_DIM // 2)
+    source = write_tiny_gguf(tmp_path / "odd.gguf", "llama", QType.Q8_0, tokenizer_metadata, rope_factors=factors)
+    with pytest.raises(ValueError, match="unsupported GGUF tensor 'rope_freqs.weight'"):
+        resolve_model(str(source), tmp_path / "cache")
