@@ -4,6 +4,7 @@ by mlx-lm, against the same files dequantized to float32 by `gguf`."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from gguf_synth import HEAD_DIM, float_reference, smollm_tokenizer_metadata, wri
 
 from models import resolve_model
 from models.gguf_arch import ARCHITECTURES
+from models.gguf_file import read_header
 from models.gguf_tensors import GROUP_SIZE, QUANTIZED_BITS, SUPPORTED_TYPES, dequantized
 
 TEXT = "The quick brown fox jumps over the lazy dog, 12345 times!"
@@ -157,3 +159,14 @@ def test_other_rope_freqs_are_refused(tmp_path: Path, tokenizer_metadata: dict) 
     source = write_tiny_gguf(tmp_path / "odd.gguf", "llama", QType.Q8_0, tokenizer_metadata, rope_factors=factors)
     with pytest.raises(ValueError, match="unsupported GGUF tensor 'rope_freqs.weight'"):
         resolve_model(str(source), tmp_path / "cache")
+
+
+def test_conversion_reports_progress(tmp_path: Path, tokenizer_metadata: dict, monkeypatch, caplog) -> None:
+    monkeypatch.setattr("models.convert.PROGRESS_EVERY", 0.0)  # a line after every tensor
+    source = write_tiny_gguf(tmp_path / "q6.gguf", "qwen3", QType.Q6_K, tokenizer_metadata)
+    with caplog.at_level(logging.INFO, logger="models"):
+        resolve_model(str(source), tmp_path / "cache")
+    shares = [int(m.split(": ")[1].split("%")[0]) for m in caplog.messages if m.startswith("converting q6.gguf: ")]
+    assert len(shares) > 10 and shares == sorted(shares) and shares[-1] == 100
+    count = len(read_header(source).tensors)
+    assert any(m.startswith(f"converted {count} GGUF tensors") for m in caplog.messages)
