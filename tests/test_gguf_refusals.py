@@ -88,7 +88,6 @@ def test_killed_conversion_leaves_nothing_behind(tmp_path: Path, tokenizer_metad
     assert list(cache.iterdir()) == [target]
 
 
-@pytest.mark.slow
 def test_ranks_sharing_a_cache_convert_once(tmp_path: Path, tokenizer_metadata: dict) -> None:
     source = write_tiny_gguf(tmp_path / "shared.gguf", "llama", QType.Q4_K, tokenizer_metadata)
     cache = tmp_path / "cache"
