@@ -8,7 +8,9 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,12 +89,32 @@ def converted_dir(gguf_path: Path, cache_dir: Path, gguf_quant: str | None = Non
         work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
         try:
             log.info("converting %s into %s", gguf_path, target)
-            convert_gguf(gguf_path, header, work, gguf_quant)
+            with _unwound_by_sigterm():
+                convert_gguf(gguf_path, header, work, gguf_quant)
             work.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache must stay readable
             os.rename(work, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _unwound_by_sigterm() -> Iterator[None]:
+    """SIGTERM (the launcher's stop) raises SystemExit meanwhile, so a stopped conversion
+    removes its work directory on the way out instead of dying with it in place (SIGKILL
+    still can: the next conversion removes it). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quant_suffix(gguf_quant: str) -> str:
@@ -101,9 +123,14 @@ def _quant_suffix(gguf_quant: str) -> str:
 
 @contextmanager
 def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold `cache_dir`'s lock (an flock on the directory itself: no lock file to leave)."""
     fd = os.open(cache_dir, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process's conversion into %s", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -70,8 +70,9 @@ def test_truncated_file(tmp_path: Path, tokenizer_metadata: dict) -> None:
     assert "is truncated: tensor 'blk." in message and f"the file has {len(data) * 2 // 3} bytes" in message
 
 
-def test_killed_conversion_leaves_nothing_behind(tmp_path: Path, tokenizer_metadata: dict, caplog) -> None:
-    big = smollm_tokenizer_metadata(vocab=16384)  # a few seconds of conversion to kill
+def start_conversion(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A conversion in another process, a few seconds long, once it has its work directory."""
+    big = smollm_tokenizer_metadata(vocab=16384)
     source = write_tiny_gguf(tmp_path / "big.gguf", "llama", QType.Q4_K, big)
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", RESOLVE, str(source), str(cache)], cwd=REPO,
@@ -79,6 +80,20 @@ def test_killed_conversion_leaves_nothing_behind(tmp_path: Path, tokenizer_metad
     deadline = time.monotonic() + 60
     while not list(cache.glob(".*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    return proc, source, cache
+
+
+def test_stopped_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
+    proc, _, cache = start_conversion(tmp_path)
+    assert proc.poll() is None, "the conversion ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(cache.iterdir()) == []
+
+
+def test_killed_conversion_is_cleaned_up_by_the_next(tmp_path: Path, caplog) -> None:
+    proc, source, cache = start_conversion(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert [p.name.startswith(".") for p in cache.iterdir()] == [True]  # killed mid-way
