@@ -73,9 +73,16 @@ class Architecture:
         raise ValueError(f"unsupported GGUF tensor {tensor_name!r} for model type {self.model_type!r}")
 
 
+# Gemma's 27B models scale queries by hidden size / heads, not head size; the metadata does
+# not say so, and llama.cpp, like this, tells the 27B model by its layer count.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
 def _gemma_config(arch: str, meta: Metadata) -> dict[str, Any]:
-    head_dim = meta[f"{arch}.attention.key_length"]
-    config: dict[str, Any] = {"query_pre_attn_scalar": head_dim}
+    scalar = meta[f"{arch}.attention.key_length"]
+    if meta[f"{arch}.block_count"] == _GEMMA_27B_LAYERS[arch]:
+        scalar = meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"]
+    config: dict[str, Any] = {"query_pre_attn_scalar": scalar}
     if arch == "gemma2":
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if f"{arch}.{key}" in meta:
@@ -159,11 +166,18 @@ def model_config(
         "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _end_tokens(meta),
     }
     if rope_factors is not None:
         config["rope_scaling"] = llama3_rope_scaling(rope_factors, config["head_dim"], config["rope_theta"])
     return config | arch.extra_config(name, meta)
+
+
+def _end_tokens(meta: Metadata) -> Optional[int | list[int]]:
+    """EOS, and the end-of-turn tokens llama.cpp also stops at (Llama 3's <|eot_id|>, ...)."""
+    keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+    ids = list(dict.fromkeys(meta[f"tokenizer.ggml.{k}"] for k in keys if f"tokenizer.ggml.{k}" in meta))
+    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def llama3_rope_scaling(factors: np.ndarray, head_dim: int, base: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf_synth import HEAD_DIM, float_reference, smollm_tokenizer_metadata, write_tiny_gguf
 
 from models import resolve_model
-from models.gguf_arch import ARCHITECTURES
+from models.gguf_arch import ARCHITECTURES, model_config
 from models.gguf_file import read_header
 from models.gguf_tensors import EXACT_TYPES, GROUP_SIZE, QUANTIZED_BITS, SUPPORTED_TYPES, dequantized
 
@@ -169,3 +169,22 @@ def test_conversion_reports_progress(tmp_path: Path, tokenizer_metadata: dict, m
     assert len(shares) > 10 and shares == sorted(shares) and shares[-1] == 100
     count = len(read_header(source).tensors)
     assert any(m.startswith(f"converted {count} GGUF tensors") for m in caplog.messages)
+
+
+@pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 144), ("gemma2", 42, 256), ("gemma3", 62, 168)])
+def test_gemma_query_scale(arch: str, layers: int, scalar: int) -> None:
+    """Gemma 2 27B (46 layers, 4608 wide, 32 heads of 128) and Gemma 3 27B (62 layers,
+    5376 wide) scale queries by width / heads; the others by head size."""
+    width = {"gemma2": 4608 if layers == 46 else 3584, "gemma3": 5376}[arch]
+    meta = {f"{arch}.{k}": v for k, v in {
+        "embedding_length": width, "block_count": layers, "attention.head_count": 32 if layers != 42 else 16,
+        "attention.key_length": 128 if layers != 42 else 256, "attention.layer_norm_rms_epsilon": 1e-6,
+        "context_length": 8192}.items()} | {"tokenizer.ggml.tokens": ["a"]}
+    assert model_config(arch, ARCHITECTURES[arch], meta, set(), None)["query_pre_attn_scalar"] == scalar
+
+
+def test_end_of_turn_tokens_end_generation_too(tmp_path: Path, tokenizer_metadata: dict) -> None:
+    metadata = tokenizer_metadata | {"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 2}
+    source = write_tiny_gguf(tmp_path / "eot.gguf", "llama", QType.Q8_0, metadata)
+    _, tokenizer = mlx_lm.load(resolve_model(str(source), tmp_path / "cache"))
+    assert set(tokenizer.eos_token_ids) == {0, 2}
