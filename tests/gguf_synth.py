@@ -1,8 +1,10 @@
 """Tiny GGUF files as llama.cpp writes them, and their float32 reference as an mlx-lm model.
 
 The files hold random weights in a chosen tensor type and SmolLM2's real tokenizer
-metadata; the reference is the same file dequantized by the `gguf` package, so the two
-differ only by the converter's re-quantization (and by its mistakes).
+metadata; the reference is the same file dequantized by the `gguf` package. It borrows
+the converter's name map and conventions (Q/K row order, Gemma's norms), which the real
+models check (SmolLM2 for llama, Gemma 3); against it the synthetic files check the
+tensor data path: dequantization, codes and scales, packing, re-quantization, shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as QType
 from gguf import quants
 
@@ -160,9 +162,7 @@ def write_tiny_gguf(
     return path
 
 
-def _value_type(value):
-    from gguf import GGUFValueType
-
+def _value_type(value) -> GGUFValueType:
     if isinstance(value, list):
         return GGUFValueType.ARRAY
     return GGUFValueType.get_type(value)
