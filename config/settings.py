@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # Model
     model_repo: Optional[str] = None
     model_cache_dir: Path = Path.home() / ".cache" / "mlx-ring" / "models"
+    # A GGUF's matrices as MLX 4-, 6- or 8-bit, or float16; unset: the bits nearest the file's
+    gguf_quant: Optional[Literal["4", "6", "8", "float16"]] = None
 
     # Model names requests may use, comma-separated (the first is the one /v1/models lists
     # first); empty: MODEL_REPO as given, or the default model's name

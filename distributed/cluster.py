@@ -104,7 +104,7 @@ def agreed(world: mx.distributed.Group, load, *args) -> tuple:
 def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     """Collective: every rank calls it with the same settings."""
     rank, size = world.rank(), world.size()
-    model_ref = resolve_model(settings.model_repo, settings.model_cache_dir)
+    model_ref = resolve_model(settings.model_repo, settings.model_cache_dir, settings.gguf_quant)
     path = local_model_path(model_ref)
     plan, layer_bytes = plan_model(path)
     records = all_gather_json(world, rank_record(rank))

@@ -52,7 +52,7 @@ def generation_config(model_path: Path) -> dict:
 
 
 def load_served_model(settings: Settings) -> ServedModel:
-    model_path = Path(resolve_model(settings.model_repo, settings.model_cache_dir))
+    model_path = Path(resolve_model(settings.model_repo, settings.model_cache_dir, settings.gguf_quant))
     tokenizer = load_tokenizer(model_path)
     width = vocab_size(load_config(model_path)) or len(tokenizer.vocab)
     # The operator's settings over the model's recommendation, over OpenAI's defaults.

@@ -1,160 +1,119 @@
-"""Convert a llama GGUF file into an mlx-lm model directory, keeping its quantization."""
+"""Convert a GGUF file into an mlx-lm model directory, quantized as close to the file as MLX allows."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
-from gguf import GGMLQuantizationType as QType
+import numpy as np
 
-from models.gguf_file import GGUFHeader, read_header
-from models.tokenizer import write_tokenizer
+from models.gguf_arch import ROPE_FREQS, Architecture, architecture, model_config
+from models.gguf_file import GGUFHeader, TensorInfo, read_header
+from models.gguf_tensors import SUPPORTED_TYPES, Target, read_tensor, target
+from models.tokenizer import build_tokenizer, check_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Bits of the block quantizations `mx.load` returns as MLX affine triples; None = dense.
-SUPPORTED_TYPES: dict[QType, int | None] = {
-    QType.F32: None,
-    QType.F16: None,
-    QType.Q4_0: 4,
-    QType.Q4_1: 4,
-    QType.Q8_0: 8,
-}
-GROUP_SIZE = 32  # weights per block in every supported GGUF quantization
-
-_GLOBAL_MODULES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_MODULES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+PROGRESS_EVERY = 10.0  # seconds between progress lines
 
 
-def convert_gguf(src: Path, dst: Path) -> None:
-    """Write config.json, model.safetensors and tokenizer files for `src` into `dst`."""
+def check_gguf(src: Path) -> GGUFHeader:
+    """The file's header; ValueError naming what makes the file unusable (damage, an
+    architecture, a tensor type or name, a tokenizer) and what is supported."""
     header = read_header(src)
     check_supported(header)
-    config = model_config(header)
-    weights = convert_weights(src, header, config)
-    log.info("read %d GGUF tensors from %s", len(header.tensors), src.name)
+    check_tokenizer(header.metadata)
+    return header
+
+
+def convert_gguf(src: Path, header: GGUFHeader, dst: Path, forced: Optional[str] = None) -> None:
+    """Write config.json, model.safetensors and tokenizer files for `src` (its header
+    checked by `check_gguf`) into `dst`.
+
+    `forced` (GGUF_QUANT: "4", "6", "8" or "float16") overrides the per-tensor choice.
+    """
+    name, arch = architecture(header.metadata)
+    tokenizer = build_tokenizer(header.metadata)
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    tensors = [t for t in header.tensors if t.name != ROPE_FREQS]
+    rope = next((t for t in header.tensors if t.name == ROPE_FREQS), None)
+    rope_factors = np.array(read_tensor(data, rope, Target())["weight"]) if rope else None
+    forms = {t.name: target(t, forced) for t in tensors}
+    config = model_config(name, arch, header.metadata, set(forms), rope_factors)
+    quantization = quantization_config(arch, forms)
+    if quantization:
+        config["quantization"] = quantization
+    weights = convert_weights(src.name, data, tensors, arch, config, forms)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(header.metadata, config["max_position_embeddings"], dst)
+    write_tokenizer(tokenizer, header.metadata, config["max_position_embeddings"], dst)
 
 
 def check_supported(header: GGUFHeader) -> None:
     """ValueError naming the architecture, tensor or tensor type this converter cannot handle."""
-    arch = header.metadata.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
-    scaling = header.metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(f"unsupported rope scaling {scaling!r}")
+    name, arch = architecture(header.metadata)
     for tensor in header.tensors:
         if tensor.type not in SUPPORTED_TYPES:
             raise ValueError(
                 f"unsupported GGUF tensor type {tensor.type.name} (tensor {tensor.name!r}); "
                 f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
             )
-        module_name(tensor.name)
+        if not (tensor.name == ROPE_FREQS and name == "llama"):
+            arch.module_name(tensor.name)
 
 
-def module_name(tensor_name: str) -> str:
-    """mlx-lm module of a GGUF tensor: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj."""
-    base, _, suffix = tensor_name.rpartition(".")
-    parts = base.split(".")
-    if suffix == "weight" and base in _GLOBAL_MODULES:
-        return _GLOBAL_MODULES[base]
-    if suffix == "weight" and len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_MODULES:
-        return f"model.layers.{parts[1]}.{_LAYER_MODULES[parts[2]]}"
-    raise ValueError(f"unsupported GGUF tensor {tensor_name!r}")
-
-
-def model_config(header: GGUFHeader) -> dict[str, Any]:
-    """config.json for mlx-lm's llama model, with its `quantization` entry."""
-    meta = header.metadata
-    hidden = _require(meta, "llama.embedding_length")
-    heads = _require(meta, "llama.attention.head_count")
-    names = {t.name for t in header.tensors}
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": _require(meta, "llama.block_count"),
-        "intermediate_size": _require(meta, "llama.feed_forward_length"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads),
-        "head_dim": meta.get("llama.attention.key_length", hidden // heads),
-        # GGUF stores float32; the shortest repr keeps config.json readable (1e-05).
-        "rms_norm_eps": float(f"{_require(meta, 'llama.attention.layer_norm_rms_epsilon'):.7g}"),
-        "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
-        "max_position_embeddings": _require(meta, "llama.context_length"),
-        "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+def quantization_config(arch: Architecture, forms: dict[str, Target]) -> Optional[dict[str, Any]]:
+    """Most common bit width as default, a per-module entry wherever a tensor differs
+    (False for a quantizable module kept dense)."""
+    modules = {
+        arch.module_name(name).rpartition(".")[0]: form.quantization()
+        for name, form in forms.items()
+        if name.endswith(".weight") and (form.bits or form.dtype != mx.float32)
     }
-    quantization = quantization_config(header)
-    if quantization:
-        config["quantization"] = quantization
-    return config
-
-
-def quantization_config(header: GGUFHeader) -> dict[str, Any] | None:
-    """Most common bit width as default, a per-module entry wherever a tensor differs."""
-    bits = {
-        module_name(t.name): SUPPORTED_TYPES[t.type]
-        for t in header.tensors
-        if SUPPORTED_TYPES[t.type] is not None
-    }
-    if not bits:
+    chosen = [q for q in modules.values() if q]
+    if not chosen:
         return None
-    default = Counter(bits.values()).most_common(1)[0][0]
-    config: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default}
-    for module, module_bits in bits.items():
-        if module_bits != default:
-            config[module] = {"group_size": GROUP_SIZE, "bits": module_bits}
+    default = Counter(q["bits"] for q in chosen).most_common(1)[0][0]
+    config: dict[str, Any] = {"group_size": chosen[0]["group_size"], "bits": default}
+    for module, quant in modules.items():
+        if quant is None or quant["bits"] != default:
+            config[module] = quant or False
     return config
 
 
-def convert_weights(src: Path, header: GGUFHeader, config: dict[str, Any]) -> dict[str, mx.array]:
-    """mlx-lm weights: renamed, Q/K rows in HF order, scales/biases and norms float32."""
-    try:
-        raw = mx.load(str(src))
-    except RuntimeError as err:
-        raise ValueError(f"{src}: cannot read GGUF tensors: {err}") from err
-    heads = {
-        "attn_q": config["num_attention_heads"],
-        "attn_k": config["num_key_value_heads"],
-    }
+def convert_weights(
+    file_name: str, data: np.ndarray, tensors: list[TensorInfo], arch: Architecture, config: dict[str, Any],
+    forms: dict[str, Target],
+) -> dict[str, mx.array]:
+    """mlx-lm weights: renamed, Q/K rows in HF order, Gemma norms without llama.cpp's + 1."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    total = sum(t.nbytes for t in tensors)
+    done, last_report, start = 0, time.monotonic(), time.monotonic()
     weights = {}
-    for tensor in header.tensors:
-        base = tensor.name.removesuffix(".weight")
-        module = module_name(tensor.name)
-        parts = {"weight": raw.pop(tensor.name)}
-        if SUPPORTED_TYPES[tensor.type] is not None:
-            # float16 scales made CPU decoding ~30x slower; float32 costs little memory.
-            parts["scales"] = raw.pop(f"{base}.scales").astype(mx.float32)
-            parts["biases"] = raw.pop(f"{base}.biases").astype(mx.float32)
-        elif len(tensor.shape) == 1:
-            parts["weight"] = parts["weight"].astype(mx.float32)
-        n_heads = heads.get(base.rpartition(".")[2])
-        for kind, array in parts.items():
-            weights[f"{module}.{kind}"] = unpermute_rows(array, n_heads) if n_heads else array
+    for tensor in tensors:
+        parameter = arch.module_name(tensor.name)
+        parts = read_tensor(data, tensor, forms[tensor.name])
+        layer_kind = tensor.name.split(".")[-2]
+        if arch.permuted_qk and layer_kind in heads:
+            parts = {kind: unpermute_rows(array, heads[layer_kind]) for kind, array in parts.items()}
+        if arch.norms_plus_one and layer_kind.endswith("norm"):
+            parts["weight"] = parts["weight"] - 1.0
+        module, _, suffix = parameter.rpartition(".")
+        if suffix == "bias":
+            weights[parameter] = parts["weight"]
+        else:
+            weights |= {f"{module}.{kind}": array for kind, array in parts.items()}
+        done += tensor.nbytes
+        if time.monotonic() - last_report >= PROGRESS_EVERY:
+            last_report = time.monotonic()
+            log.info("converting %s: %d%% of %.0f MB", file_name, 100 * done // total, total / 2**20)
+    log.info("converted %d GGUF tensors (%.0f MB) from %s in %.1f s",
+             len(tensors), total / 2**20, file_name, time.monotonic() - start)
     return weights
 
 
@@ -168,9 +127,3 @@ def unpermute_rows(array: mx.array, n_heads: int) -> mx.array:
     rows = array.shape[0]
     split = array.reshape(n_heads, rows // n_heads // 2, 2, *array.shape[1:])
     return split.swapaxes(1, 2).reshape(array.shape)
-
-
-def _require(metadata: dict[str, Any], key: str) -> Any:
-    if key not in metadata:
-        raise ValueError(f"GGUF metadata lacks {key!r}")
-    return metadata[key]

@@ -16,6 +16,8 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from models.gguf_tensors import SUPPORTED_TYPES
+
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # version 1 used 32-bit counts; llama.cpp dropped it long ago
 _DEFAULT_ALIGNMENT = 32
@@ -33,6 +35,10 @@ _SCALAR_FORMATS = {
     GGUFValueType.INT64: "q",
     GGUFValueType.FLOAT64: "d",
 }
+
+
+class UnknownTensorType(ValueError):
+    """A tensor type id that no GGUF reader knows (a newer llama.cpp's, or damage)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,14 @@ class _Reader:
         if n_dims > 8:
             raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
         shape = self.take(f"{n_dims}Q")
-        tensor_type = GGMLQuantizationType(self.scalar("I"))
+        type_id = self.scalar("I")
+        try:
+            tensor_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UnknownTensorType(
+                f"unknown GGUF tensor type {type_id} (tensor {name!r}); "
+                f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
+            ) from None
         return name, shape, tensor_type, self.scalar("Q")
 
 
@@ -110,6 +123,8 @@ def read_header(path: Path) -> GGUFHeader:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 header = _parse(buf)
                 size = len(buf)
+        except UnknownTensorType as err:
+            raise ValueError(f"{path}: {err}") from None
         except (ValueError, struct.error, OverflowError) as err:
             raise ValueError(f"{path} is not a valid GGUF file: {err}") from err
     for tensor in header.tensors:

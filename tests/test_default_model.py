@@ -9,9 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from models import resolve_model
 from models.source import default_gguf
@@ -76,27 +74,6 @@ def test_damaged_gguf_fails_cleanly(tmp_path: Path, damage, message: str) -> Non
     with pytest.raises(ValueError, match=message):
         resolve_model(str(bad), cache)
     assert not cache.exists() or not any(cache.iterdir())
-
-
-@pytest.mark.parametrize(
-    ("architecture", "tensor_type", "message"),
-    [
-        ("gemma3", GGMLQuantizationType.F32, "unsupported GGUF architecture 'gemma3'"),
-        ("llama", GGMLQuantizationType.Q4_K, "unsupported GGUF tensor type Q4_K"),
-    ],
-)
-def test_unsupported_gguf_is_named(tmp_path: Path, architecture, tensor_type, message) -> None:
-    path = tmp_path / "tiny.gguf"
-    writer = GGUFWriter(str(path), architecture)
-    block, block_bytes = GGML_QUANT_SIZES[tensor_type]
-    raw = np.zeros((2, 256 // block * block_bytes), np.uint8)
-    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=message):
-        resolve_model(str(path), tmp_path / "cache")
 
 
 def test_second_resolve_uses_cache(model_cache: Path, default_model: Path, caplog) -> None:
