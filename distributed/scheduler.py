@@ -87,11 +87,12 @@ class Scheduler:
         return self.reserved + self.limits.reserve(prompt_tokens, max_tokens) <= self.limits.kv_capacity
 
     def submit(self, prompt: list[int], params: SamplingParams, max_tokens: int, drawn: int = 0,
-               grammar: Optional[str] = None, logprobs: Optional[int] = None) -> int:
+               grammar: Optional[str] = None, logprobs: Optional[int] = None, background: bool = False) -> int:
         """Start a sequence; its tokens come out of `step`. Returns its id. `drawn`: the
         tokens at the end of `prompt` it generated before a restart (`max_tokens`
         counts those still to draw); `grammar`: what its output must follow; `logprobs`:
-        each token's log-probability wanted, with that many top alternatives."""
+        each token's log-probability wanted, with that many top alternatives;
+        `background`: a batch line, whose prompt is prefilled after interactive ones."""
         reserved = self.limits.reserve(len(prompt), max_tokens)
         try:
             if self.vocab_size is not None:
@@ -115,7 +116,8 @@ class Scheduler:
             sampler.logprob_log, sampler.top_logprobs = deque(), logprobs
         cached = reuse.tokens if reuse else 0
         self.sequences[seq] = Sequence(seq, batch, list(prompt), len(prompt), max_tokens, reserved, cached, cached,
-                                       constraint=constraint, logprob_log=sampler.logprob_log)
+                                       constraint=constraint, logprob_log=sampler.logprob_log,
+                                       background=background)
         self.micro_batches[batch] = MicroBatch(batch, [seq])
         self._requeue(self.micro_batches[batch])
         self.reserved += reserved
@@ -178,13 +180,17 @@ class Scheduler:
         self.ready = deque(g for g in self.ready if g in self.micro_batches)  # those that left
         ready = [self.micro_batches[g] for g in self.ready]
         decoding = next((b for b in ready if b.decoding), None)
-        prefilling = min((b for b in ready if not b.decoding), key=lambda b: b.batch, default=None)
+        prefilling = min((b for b in ready if not b.decoding), key=self._prefill_order, default=None)
         micro = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
         if micro is not None:
             self.ready.remove(micro.batch)
             if micro is prefilling and self._unstarted(micro):
                 self._gather_prompts(micro)
         return micro
+
+    def _prefill_order(self, micro: MicroBatch) -> tuple[bool, int]:
+        """Interactive prompts first, then batch lines; first come, first served."""
+        return all(self.sequences[s].background for s in micro.members), micro.batch
 
     def _remaining_prompt(self, seq: int) -> int:
         """Prompt tokens still to prefill (the last one goes through the first decode step)."""
@@ -229,6 +235,8 @@ class Scheduler:
                 self._leave(micro, seq)
             return
         if micro.decoding:
+            if micro.work is None and self._is_smallest(micro):
+                self._absorb(micro)  # prompts prefilled since the last step join this one
             work = micro.work or self._decode_step(micro, self._next_inputs(micro.members))
             length, sample = 1, True
             for seq in micro.members:
@@ -297,12 +305,21 @@ class Scheduler:
         joining = self._absorb(micro) if self._is_smallest(micro) else []
         if any(self.sequences[s].constraint is not None for s in micro.members):
             return  # a grammar's mask needs the pending tokens' values: built at launch
+        if self._prompt_ending():
+            # Built at launch instead, so a prompt whose prefill ends meanwhile joins that
+            # step, not the one after: its first token comes one decode step sooner.
+            return
         parts = []
         if kept:
             parts.append(pending if len(kept) == len(rows) else pending[mx.array(kept)])
         if joining:
             parts.append(self._next_inputs(joining))
         micro.work = self._decode_step(micro, mx.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def _prompt_ending(self) -> bool:
+        """Whether a prompt being prefilled ends with its next chunk."""
+        return any(not b.decoding and all(self._remaining_prompt(s) <= self.prefill_step_size for s in b.members)
+                   for b in self.micro_batches.values())
 
     # Micro-batch membership.
 

@@ -48,6 +48,7 @@ class Sequence:
     left: bool = False
     constraint: Optional[GrammarConstraint] = None  # its grammar, if its request has one
     logprob_log: Optional[deque] = None  # its sampler's draws' log-probabilities, if asked for
+    background: bool = False  # a batch line: its prompt waits while an interactive one's runs
 
     @property
     def generated(self) -> int:

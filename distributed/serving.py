@@ -148,7 +148,7 @@ class Serving:
                 if not self.scheduler.fits(len(prompt), request.max_tokens - len(drawn)):
                     return
                 seq = self.scheduler.submit(prompt, request.sampling, request.max_tokens - len(drawn), len(drawn),
-                                            request.grammar, request.logprobs)
+                                            request.grammar, request.logprobs, background=request.batch is not None)
             except RequestError as err:
                 log.info("request %s refused: %s", request_id, err)
                 self.spool.finish(request_id, Failed(message=str(err), code=err.code, status=400))
