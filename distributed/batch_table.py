@@ -52,6 +52,8 @@ class BatchTable:
             self.leave(header.batch, header.seq, header.length if header.flag else None)
         elif header.op == Op.EVICT:
             self.evict(header.seq)
+        elif header.op == Op.TRIM:
+            self.batches[header.batch].cache.trim(header.length)
         else:
             raise ValueError(f"not a change to the table: {header}")
 

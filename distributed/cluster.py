@@ -24,6 +24,7 @@ from distributed.scheduler import Scheduler
 from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
 from distributed.stage_checks import check_batching, check_kv_bits, measure_footprint
 from distributed.world import all_gather_json, rank_record
+from distributed.speculation import make_speculation
 from distributed.split import plan_split
 from distributed.tensor import load_tensor
 from distributed.tensor_step import TensorPipeline
@@ -82,6 +83,9 @@ def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, 
     if failed:
         raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
                          f"a quantized step of layers {stage.start}-{stage.end - 1} failed ({failed})")
+    if settings.speculation != "off" and (why := prefix_refusal(model, kv)):
+        raise ValueError(f"SPECULATION={settings.speculation} needs caches that can forget rejected "
+                         f"proposals, but {why}")
     footprint = measure_footprint(model, stage.start, stage.end, kv)
     return model, config, footprint, check_batching(model, stage.start, stage.end, kv)
 
@@ -160,5 +164,6 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
             frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
+            make_speculation(settings, tokenizer),
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

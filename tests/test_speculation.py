@@ -1,0 +1,110 @@
+"""Speculative decoding (SPECULATION): output equals decoding without it, token for token.
+
+Greedy output is compared with single-process mlx-lm without speculation; seeded
+sampling with the same ring without speculation, as both draw each position with that
+position's randomness. The default model copying a passage accepts most prompt-lookup
+proposals and rejects some, so caches are trimmed on every rank along the way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import generate_json, reference_tokens
+
+from distributed.kv_cache import KVSettings, StageCache
+from distributed.speculation import accepted_prefix, propose_ngram
+
+PASSAGE = (
+    "Repeat this passage exactly:\n\nThe harbour town woke slowly. Fishermen carried their nets down to "
+    "the boats, gulls circled above the market, and the baker opened his shutters to let the smell of "
+    "fresh bread drift along the quay."
+)
+MAX_TOKENS = 32
+NGRAM = {"SPECULATION": "ngram", "NUM_DRAFT_TOKENS": "4"}
+
+
+def _copying(default_model: Path, ranks: int, backend: str, settings: dict[str, str]) -> dict:
+    args = ["--prompt", PASSAGE, "--chat", "--max-tokens", str(MAX_TOKENS)]
+    return generate_json(ranks, backend, {"MODEL_REPO": str(default_model)} | settings, args)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    tokens = [5, 6, 7, 8, 1, 5, 6, 9, 2, 3, 5, 6]
+    assert propose_ngram(tokens, 3) == [9, 2, 3]  # "5 6" last seen before 9, not before 7
+    assert propose_ngram([1, 2, 3, 4, 2], 5) == [3, 4, 2]  # shorter n-grams when longer ones miss
+    assert propose_ngram([1, 2, 3], 2) == []  # the last token never occurred before
+    assert propose_ngram([4], 2) == []
+
+
+def test_accepted_prefix_counts_leading_matches():
+    assert accepted_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert accepted_prefix([1, 2, 3], [0, 2, 3, 5]) == 0
+    assert accepted_prefix([1, 2], [1, 2, 7]) == 2
+
+
+def test_a_trimmed_cache_equals_one_that_never_saw_the_rejected_tokens(tiny_models):
+    """A verification step feeds the last token and proposals; trimming the rejected
+    ones leaves the caches, and the next step's logits, as if only the kept were fed."""
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_models["llama"]))
+    layers = len(model.layers)
+    prompt, kept, rejected = [3, 14, 15, 92, 65], [35, 89], [79, 32, 38]
+    speculated = StageCache(model, 0, layers, KVSettings())
+    model(mx.array([prompt]), cache=speculated.view())
+    model(mx.array([kept + rejected]), cache=speculated.view())
+    speculated.trim(len(rejected))
+    plain = StageCache(model, 0, layers, KVSettings())
+    model(mx.array([prompt]), cache=plain.view())
+    model(mx.array([kept]), cache=plain.view())
+    for mine, theirs in zip(speculated.local, plain.local):
+        assert mine.offset == theirs.offset == len(prompt) + len(kept)
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            assert mx.array_equal(a[..., : mine.offset, :], b[..., : theirs.offset, :]).item()
+    after = [26, 43]
+    assert mx.array_equal(model(mx.array([after]), cache=speculated.view()),
+                          model(mx.array([after]), cache=plain.view())).item()
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ngram_greedy_output_equals_mlx_lm_without_speculation(default_model, ranks):
+    expected = reference_tokens(default_model, PASSAGE, MAX_TOKENS, chat=True)
+    out = _copying(default_model, ranks, "mpi", NGRAM)
+    assert out["token_ids"] == expected
+    spec = out["speculation"]
+    # Proposals were accepted, and some rejected: caches were trimmed on every rank.
+    assert 0 < spec["accepted_tokens"] < spec["proposed_tokens"]
+    assert spec["tokens_per_pass"] > 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,backend", [(3, "mpi"), (2, "ring"), (3, "ring")])
+def test_ngram_greedy_output_on_more_launches(default_model, ranks, backend):
+    out = _copying(default_model, ranks, backend, NGRAM)
+    assert out["token_ids"] == reference_tokens(default_model, PASSAGE, MAX_TOKENS, chat=True)
+    assert out["speculation"]["accepted_tokens"] > 0
+
+
+def test_ngram_in_tensor_mode_equals_tensor_mode_without_it(default_model):
+    plain = _copying(default_model, 2, "mpi", {"PARALLEL": "tensor"})
+    speculated = _copying(default_model, 2, "mpi", {"PARALLEL": "tensor"} | NGRAM)
+    assert speculated["parallel"]["mode"] == "tensor"
+    assert speculated["token_ids"] == plain["token_ids"]
+    assert speculated["speculation"]["accepted_tokens"] > 0
+
+
+def test_seeded_sampling_with_speculation_is_that_without_it(default_model):
+    """Each position is drawn with its own (seed, position) randomness, from the same
+    logits: the kept tokens are the ones decoding without speculation draws."""
+    seeded = {"--temperature": "0.7", "--seed": "11"}
+    args = [a for pair in seeded.items() for a in pair]
+    settings = {"MODEL_REPO": str(default_model)}
+    prompt = ["--prompt", PASSAGE, "--chat", "--max-tokens", str(MAX_TOKENS), *args]
+    first = generate_json(2, "mpi", settings | NGRAM, prompt)
+    again = generate_json(2, "mpi", settings | NGRAM, prompt)
+    plain = generate_json(2, "mpi", settings, prompt)
+    assert first["token_ids"] == again["token_ids"] == plain["token_ids"]
+    assert first["speculation"]["accepted_tokens"] > 0
