@@ -125,11 +125,15 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     # "shard": this rank's part of each of its layers, [index, parts]; [0, 1] in a pipeline.
     record = rank_record(rank) | {"layers": [stage.start, stage.end], "shard": [rank, size] if tensor else [0, 1]}
     failure: Optional[ValueError] = None
+    tokenizer = speculation = None
     try:
         model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage,
                                                           world if tensor else None)
         record |= {"parameter_bytes": parameter_bytes(model), "kv_footprint": footprint.to_json(),
                    "batching_refusal": batching and batching[:ERROR_CHARS]}
+        if stage.is_first:
+            tokenizer = load_stage_tokenizer(path, config)
+            speculation = make_speculation(settings, tokenizer)  # a draft model fails every rank alike
     except ValueError as err:
         # Every rank fails alike: the others are waiting for this rank's record.
         record["error"] = str(err)[:ERROR_CHARS]
@@ -153,17 +157,16 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
     kv = kv_settings(settings)
     pipeline = (TensorPipeline if tensor else Pipeline)(model, stage, world, kv, bell)
-    scheduler = tokenizer = None
+    scheduler = None
     if stage.is_first:
         for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
             if why:
                 log.info("%s off: %s", what, why)
         largest = max(f.per_token for f in footprints)
         prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
-        tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
             frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
-            make_speculation(settings, tokenizer),
+            speculation,
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

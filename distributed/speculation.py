@@ -115,8 +115,15 @@ class Speculation:
 
 
 def make_speculation(settings, tokenizer) -> Optional[Speculation]:
-    """Rank 0's speculation as SPECULATION says (None when off)."""
+    """Rank 0's speculation as SPECULATION says (None when off); ValueError naming
+    DRAFT_MODEL if it cannot propose for this model."""
     if settings.speculation == "off":
         return None
+    proposer: Proposer = propose_ngram
+    if settings.speculation == "draft":
+        from distributed.draft_model import load_draft_model
+
+        proposer = load_draft_model(settings.draft_model, settings.model_cache_dir, tokenizer,
+                                    settings.prefill_step_size)
     log.info("speculation: %s, up to %d proposals a pass", settings.speculation, settings.num_draft_tokens)
-    return Speculation(settings.speculation, propose_ngram, settings.num_draft_tokens)
+    return Speculation(settings.speculation, proposer, settings.num_draft_tokens)
