@@ -8,11 +8,16 @@ proposals and rejects some, so caches are trimmed on every rank along the way.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
 from conftest import PROMPT, generate_json, reference_tokens, run_ranks
+from test_api import _metric, ring_and_api
+from test_batching import _chat, _expected
 
 from distributed.kv_cache import KVSettings, StageCache
 from distributed.speculation import accepted_prefix, propose_ngram
@@ -170,3 +175,36 @@ def test_speculation_that_cannot_run_is_a_clear_error(tiny_models, default_model
                      timeout=120)
     assert proc.returncode != 0
     assert named in proc.stderr
+
+
+def test_served_speculation_reports_its_figures_and_waits_while_others_decode(tiny_models, close_draft, tmp_path):
+    """Usage counts the accepted proposals, /metrics and /health show rank 0's figures,
+    and with two requests at once speculation waits, saying why; every answer is the
+    greedy one."""
+    model = tiny_models["llama"]
+    settings = {"SPECULATION": "draft", "DRAFT_MODEL": str(close_draft), "PREFILL_STEP_SIZE": "16"}
+    messages = [{"role": "user", "content": PROMPT}]
+    with ring_and_api(model, tmp_path / "spool", **settings) as (api, _):
+        alone = _chat(api, model, messages, 40)
+        assert {k: alone[k] for k in ("text", "finish_reason")} == _expected(model, PROMPT, 40, 16)
+        accepted = alone["usage"].completion_tokens_details.accepted_prediction_tokens
+        assert 0 < accepted < alone["usage"].completion_tokens
+        time.sleep(1.5)  # a heartbeat after the request
+        record = httpx.get(f"{api.url}/health", timeout=10).json()["speculation"]
+        assert record["mode"] == "draft" and record["paused"] is None
+        assert record["accepted_tokens"] == accepted
+        metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
+        assert _metric(metrics, "mlx_ring_speculation_acceptance_rate") == pytest.approx(record["acceptance_rate"])
+        assert _metric(metrics, "mlx_ring_speculation_tokens_per_pass") == pytest.approx(record["tokens_per_pass"])
+        assert _metric(metrics, "mlx_ring_accepted_prediction_tokens_total") == accepted
+
+        pauses = []
+        with ThreadPoolExecutor(2) as pool:
+            both = [pool.submit(_chat, api, model, messages, 300, delay) for delay in (0, 0.2)]
+            while not all(f.done() for f in both):
+                beat = httpx.get(f"{api.url}/health", timeout=10).json()
+                pauses.append((beat.get("speculation") or {}).get("paused"))
+                time.sleep(0.2)
+        assert "2 sequences active" in pauses
+        for done in both:
+            assert {k: done.result()[k] for k in ("text", "finish_reason")} == _expected(model, PROMPT, 300, 16)
