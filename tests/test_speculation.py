@@ -16,7 +16,8 @@ import httpx
 import mlx.core as mx
 import pytest
 from conftest import PROMPT, generate_json, reference_tokens, run_ranks
-from test_api import _metric, ring_and_api
+from mlx_lm.generate import generate_step
+from test_api import _load, _metric, ring_and_api
 from test_batching import _chat, _expected
 
 from distributed.kv_cache import KVSettings, StageCache
@@ -197,6 +198,22 @@ def test_served_speculation_reports_its_figures_and_waits_while_others_decode(ti
         assert _metric(metrics, "mlx_ring_speculation_acceptance_rate") == pytest.approx(record["acceptance_rate"])
         assert _metric(metrics, "mlx_ring_speculation_tokens_per_pass") == pytest.approx(record["tokens_per_pass"])
         assert _metric(metrics, "mlx_ring_accepted_prediction_tokens_total") == accepted
+
+        # Log-probabilities of rejected positions are dropped with them.
+        reply = api.client().chat.completions.create(model=str(model), messages=messages, max_tokens=24,
+                                                     temperature=0, logprobs=True, top_logprobs=2)
+        assert reply.usage.completion_tokens_details.accepted_prediction_tokens > 0
+        _, tokenizer = _load(model)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reference = []
+        for token, logprobs in generate_step(mx.array(prompt), _load(model)[0], max_tokens=24):
+            if token in tokenizer.eos_token_ids:
+                break
+            reference.append((token, logprobs))
+        content = reply.choices[0].logprobs.content
+        assert [c.token for c in content] == [tokenizer.decode([t]) for t, _ in reference]
+        for item, (token, logprobs) in zip(content, reference):
+            assert item.logprob == pytest.approx(logprobs[token].item(), abs=1e-4)
 
         pauses = []
         with ThreadPoolExecutor(2) as pool:
