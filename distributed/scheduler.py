@@ -258,7 +258,8 @@ class Scheduler:
         if not ring:
             results = [work.compute[-1]]
         elif sample:
-            results = self.pipeline.receive_tokens(micro.batch, share, self._drafts_array(micro, drafts))
+            fed_after = mx.array([drafts], mx.int32) if drafts else mx.zeros((len(micro.members), 0), mx.int32)
+            results = self.pipeline.receive_tokens(micro.batch, share, fed_after)
         else:
             results = self.pipeline.receive_ack(len(micro.members))
         if ring:
@@ -294,11 +295,6 @@ class Scheduler:
         ids = mx.concatenate([inputs, mx.array(drafts, dtype=mx.int32)])[None] if drafts else inputs[:, None]
         return self.pipeline.run(micro.batch, ids, True)
 
-    @staticmethod
-    def _drafts_array(micro: MicroBatch, drafts: list[int]) -> mx.array:
-        """The tokens a step feeds after each row's first (rows x drafts)."""
-        return mx.array([drafts], dtype=mx.int32) if drafts else mx.zeros((len(micro.members), 0), mx.int32)
-
     def _may_speculate(self, micro: MicroBatch) -> bool:
         """Whether `micro`'s next step may verify proposals: a sequence decoding alone,
         free of a grammar (whose mask needs each token before the next)."""
@@ -308,9 +304,7 @@ class Scheduler:
 
     def speculation_record(self) -> Optional[dict]:
         """SPECULATION's state and figures for rank 0's heartbeat (None when off)."""
-        if self.speculation is None:
-            return None
-        return self.speculation.record(f"{self.active} sequences active" if self.active > 1 else None)
+        return self.speculation.record(self.active) if self.speculation else None
 
     def _build_ahead(self, micro: MicroBatch, pending: mx.array) -> None:
         """Right after a decode step of `micro` went out: sequences whose last
@@ -413,8 +407,7 @@ class Scheduler:
         return results
 
     def _verified(self, flight: Flight, sampled: list[int]) -> list[TokenResult]:
-        """A verification step's tokens; every rank's caches, and the sampler, then
-        forget the positions after the last token kept."""
+        """A verification step's tokens; then every rank forgets the positions after the last one kept."""
         sequence = self.sequences.get(flight.members[0])
         if sequence is None:
             return []  # it left: its caches are gone
@@ -422,9 +415,7 @@ class Scheduler:
                                                                      self.eos_token_ids)
         if results and results[-1].finish_reason is not None:
             self.finish(sequence.seq)
-        unused = len(sampled) - len(results)
-        self.pipeline.table.batches[flight.batch].samplers[0].rewind(unused)
-        if unused:
+        if unused := len(sampled) - len(results):
             self.pipeline.tell(Header(Op.TRIM, flight.batch, length=unused))
             sequence.fed -= unused
         return results

@@ -108,8 +108,10 @@ class Speculation:
         self.stats.record(len(proposed), sum(r.from_draft for r in results), len(results))
         return results
 
-    def record(self, paused: Optional[str]) -> dict:
-        """For rank 0's heartbeat; `paused`: why speculation waits now, if it does."""
+    def record(self, active: int) -> dict:
+        """For rank 0's heartbeat, with `active` sequences on the ring: speculation
+        waits while there are several, and says so."""
+        paused = f"{active} sequences active" if active > 1 else None
         return {"mode": self.mode, "num_draft_tokens": self.num_draft_tokens, "paused": paused,
                 **self.stats.to_json()}
 
