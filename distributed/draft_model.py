@@ -4,7 +4,8 @@ Greedy, so that what the ring keeps depends on the served model and the request'
 randomness alone: seeded output is the same with or without a draft model. Its caches
 follow the sequence it last proposed for: they are cut back to what that shares with the
 tokens now given (the verification's rejections, or another sequence's prompt), and only
-the rest is fed.
+the rest is fed. On a ring, rank 0 would idle while the other ranks verify: it drafts
+ahead then, for the outcome where every proposal is accepted.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ class DraftModel:
         self.prefill_step_size = prefill_step_size
         self.cache = make_prompt_cache(model)
         self.seen: list[int] = []  # the tokens its caches hold, in order
+        self.ready: tuple[list[int], list[int]] = ([], [])  # tokens, and the proposals `ahead` made for them
+        self.ready_used = 0  # passes whose proposals were ready
 
     def __call__(self, tokens: list[int], count: int) -> list[int]:
         """The draft model's next `count` greedy tokens after `tokens`."""
+        if self.ready[0] == tokens and len(self.ready[1]) >= count:
+            self.ready_used += 1
+            return self.ready[1][:count]
         shared = 0
         for mine, theirs in zip(self.seen, tokens[:-1]):  # at least one token is fed
             if mine != theirs:
@@ -45,6 +51,12 @@ class DraftModel:
         drafts = [token for token, _ in steps]
         self.seen = (tokens + drafts)[: self.cache[0].offset]
         return drafts
+
+    def ahead(self, tokens: list[int], count: int) -> None:
+        """While the ring verifies proposals (`tokens` ends with them): the proposals to
+        follow if it accepts them all and draws the token the draft model would next."""
+        guess, *after = self(tokens, count + 1)
+        self.ready = (tokens + [guess], after)
 
 
 def load_draft_model(ref: str, cache_dir: Path, tokenizer, prefill_step_size: int) -> DraftModel:

@@ -387,6 +387,9 @@ class Scheduler:
     def _collect(self) -> list[TokenResult]:
         flight = self.flights.popleft()
         if self.pipeline.results_over_ring:
+            if flight.drafts and flight.members[0] in self.sequences:
+                self.transport.flush()  # the verification goes on around the ring meanwhile
+                self.speculation.ahead(self.sequences[flight.members[0]], flight.drafts)
             self.transport.receive(flight.results)
             self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()

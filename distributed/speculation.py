@@ -95,6 +95,12 @@ class Speculation:
         count = min(self.num_draft_tokens, sequence.max_tokens - sequence.generated - 1)
         return self.proposer(sequence.tokens, count)[:count] if count > 0 else []
 
+    def ahead(self, sequence: Sequence, proposed: list[int]) -> None:
+        """While the ring verifies `proposed`: a draft model drafts its next proposals
+        for the outcome where all are accepted (prompt lookup needs no head start)."""
+        if hasattr(self.proposer, "ahead") and not sequence.finished:
+            self.proposer.ahead(sequence.tokens + proposed, self.num_draft_tokens)
+
     def take(self, sequence: Sequence, proposed: list[int], sampled: list[int],
              eos_token_ids: frozenset[int]) -> list[TokenResult]:
         """The tokens a verification step gives `sequence`: the proposals it sampled
@@ -112,8 +118,9 @@ class Speculation:
         """For rank 0's heartbeat, with `active` sequences on the ring: speculation
         waits while there are several, and says so."""
         paused = f"{active} sequences active" if active > 1 else None
+        ready = getattr(self.proposer, "ready_used", None)  # a draft model's passes drafted ahead
         return {"mode": self.mode, "num_draft_tokens": self.num_draft_tokens, "paused": paused,
-                **self.stats.to_json()}
+                **self.stats.to_json(), **({"drafted_ahead": ready} if ready is not None else {})}
 
 
 def make_speculation(settings, tokenizer) -> Optional[Speculation]:

@@ -137,6 +137,8 @@ def test_a_model_drafting_for_itself_has_every_proposal_accepted(tiny_models):
     spec = out["speculation"]
     assert spec["acceptance_rate"] == 1.0
     assert spec["tokens_per_pass"] > 4  # NUM_DRAFT_TOKENS=4 and the step's own (the last pass may be short)
+    # Rank 0 drafted each next pass while the ring verified the one before.
+    assert spec["drafted_ahead"] == spec["passes"] - 1
 
 
 def test_seeded_sampling_with_speculation_is_that_without_it(tiny_models, close_draft):
