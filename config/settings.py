@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_sequence_length: int = Field(8192, ge=2)
     prefill_step_size: int = Field(2048, ge=1)
 
+    # Speculative decoding, for a sequence decoding alone: off; ngram: the tokens that
+    # followed the latest earlier occurrence of the last few tokens (prompt lookup);
+    # draft: DRAFT_MODEL's greedy continuation. NUM_DRAFT_TOKENS proposals a pass.
+    speculation: Literal["off", "ngram", "draft"] = "off"
+    num_draft_tokens: int = Field(4, ge=1, le=16)
+    draft_model: Optional[str] = Field(None, validate_default=True)
+
     # KV cache
     kv_cache_max_size: Optional[int] = Field(None, ge=8)
     kv_cache_reserved_memory_mb: int = Field(2048, ge=1)
@@ -130,7 +137,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("parallel", mode="before")
+    @field_validator("parallel", "speculation", mode="before")
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.strip().lower() if isinstance(value, str) else value
@@ -167,6 +174,13 @@ class Settings(BaseSettings):
         if not value.startswith("/"):
             raise ValueError(f"must be an absolute path (the repository on the hosts); got {value!r}")
         return value.rstrip("/") or "/"
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_needs_model(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if info.data.get("speculation") == "draft" and not value:
+            raise ValueError("SPECULATION=draft needs DRAFT_MODEL (a hub id, local directory or GGUF file)")
+        return value
 
     @field_validator("kv_bits")
     @classmethod

@@ -52,6 +52,8 @@ class BatchTable:
             self.leave(header.batch, header.seq, header.length if header.flag else None)
         elif header.op == Op.EVICT:
             self.evict(header.seq)
+        elif header.op == Op.TRIM:
+            self.trim(header.batch, header.length)
         else:
             raise ValueError(f"not a change to the table: {header}")
 
@@ -98,6 +100,14 @@ class BatchTable:
         target.members.pop(row)
         if target.samplers:
             target.samplers.pop(row)
+
+    def trim(self, batch: int, tokens: int) -> None:
+        """`batch` forgets its last `tokens` positions (a verification's rejected
+        proposals): its caches, and on rank 0 its sampler's draws."""
+        target = self.batches[batch]
+        target.cache.trim(tokens)
+        for sampler in target.samplers:
+            sampler.rewind(tokens)
 
     def evict(self, entry: int) -> None:
         self.stored.pop(entry, None)

@@ -24,6 +24,7 @@ from distributed.scheduler import Scheduler
 from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
 from distributed.stage_checks import check_batching, check_kv_bits, measure_footprint
 from distributed.world import all_gather_json, rank_record
+from distributed.speculation import make_speculation
 from distributed.split import plan_split
 from distributed.tensor import load_tensor
 from distributed.tensor_step import TensorPipeline
@@ -82,6 +83,9 @@ def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, 
     if failed:
         raise ValueError(f"KV_BITS={kv.bits} cannot be used with model type {config.get('model_type')!r}: "
                          f"a quantized step of layers {stage.start}-{stage.end - 1} failed ({failed})")
+    if settings.speculation != "off" and (why := prefix_refusal(model, kv)):
+        raise ValueError(f"SPECULATION={settings.speculation} needs caches that can forget rejected "
+                         f"proposals, but {why}")
     footprint = measure_footprint(model, stage.start, stage.end, kv)
     return model, config, footprint, check_batching(model, stage.start, stage.end, kv)
 
@@ -121,11 +125,15 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     # "shard": this rank's part of each of its layers, [index, parts]; [0, 1] in a pipeline.
     record = rank_record(rank) | {"layers": [stage.start, stage.end], "shard": [rank, size] if tensor else [0, 1]}
     failure: Optional[ValueError] = None
+    tokenizer = speculation = None
     try:
         model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage,
                                                           world if tensor else None)
         record |= {"parameter_bytes": parameter_bytes(model), "kv_footprint": footprint.to_json(),
                    "batching_refusal": batching and batching[:ERROR_CHARS]}
+        if stage.is_first:
+            tokenizer = load_stage_tokenizer(path, config)
+            speculation = make_speculation(settings, tokenizer)  # a draft model fails every rank alike
     except ValueError as err:
         # Every rank fails alike: the others are waiting for this rank's record.
         record["error"] = str(err)[:ERROR_CHARS]
@@ -149,16 +157,16 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
     kv = kv_settings(settings)
     pipeline = (TensorPipeline if tensor else Pipeline)(model, stage, world, kv, bell)
-    scheduler = tokenizer = None
+    scheduler = None
     if stage.is_first:
         for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
             if why:
                 log.info("%s off: %s", what, why)
         largest = max(f.per_token for f in footprints)
         prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
-        tokenizer = load_stage_tokenizer(path, config)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
             frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
+            speculation,
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

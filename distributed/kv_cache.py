@@ -185,6 +185,12 @@ class StageCache:
             if hasattr(c, "finalize"):
                 c.finalize()
 
+    def trim(self, tokens: int) -> None:
+        """Forget the last `tokens` tokens of every cache (mlx-lm's trim): the next
+        step writes over them. Only for caches `prefix_refusal` accepts."""
+        if tokens and trim_prompt_cache(self.local, tokens) != tokens:
+            raise RuntimeError(f"the stage's caches could not forget their last {tokens} tokens")
+
     def keep(self, rows: list[int]) -> None:
         """Drop every batch row not in `rows`."""
         for c in self.local:

@@ -20,6 +20,7 @@ class Op(IntEnum):
     PREPARE = 4
     LEAVE = 5
     EVICT = 6
+    TRIM = 7
 
 
 SAMPLE, SHARE_HEAD = 1, 2  # STEP flags
@@ -39,6 +40,8 @@ class Header:
     PREPARE: `batch`'s rows are prefilled together next; the JSON payload says how.
     LEAVE: `seq` leaves `batch`; with `flag`, its cache is stored as entry `length`.
     EVICT: `seq` is the stored entry to drop.
+    TRIM: `batch`'s caches forget their last `length` tokens (proposals a
+    verification step rejected).
     """
 
     op: Op

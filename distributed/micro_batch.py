@@ -29,3 +29,4 @@ class Flight:
     members: list[int]
     results: list[mx.array]  # on a ring, what comes back, in order; the tokens last
     sample: bool
+    drafts: list[int]  # proposals it verifies, after its one row's first token

@@ -56,7 +56,8 @@ def run_once(cluster: Cluster, args: argparse.Namespace, max_tokens: int) -> int
             # Tokens after the first, over the time they took: decode speed alone.
             "decode_tokens_per_second": max(len(tokens) - 1, 0) / max(finished - first_token_at, 1e-9),
         }
-        result = {"text": text, "token_ids": tokens, "finish_reason": finish_reason, "timings": timings}
+        result = {"text": text, "token_ids": tokens, "finish_reason": finish_reason, "timings": timings,
+                  "speculation": cluster.scheduler.speculation_record()}
         print(json.dumps(result | {"parallel": cluster.parallel.record(), "ranks": cluster.ranks}))
     else:
         print(text)

@@ -70,7 +70,7 @@ class Pipeline:
         if not self.stage.is_last:
             return StepWork([sending_layer(self.model).sending], out)
         if sample and self.stage.size == 1:
-            return StepWork([self.sample(target, out)])
+            return StepWork([self.sample(target, out, ids[:, 1:])])
         if sample:
             work = StepWork([out], self.transport.send(out))
             if share:
@@ -106,27 +106,30 @@ class Pipeline:
         self.transport.bell.wait()  # the previous rank's output, received in the graph
         self.transport.complete(work)
 
-    def sample(self, target: Batch, logits: mx.array) -> mx.array:
-        """Rank 0: the next token of each row of a batch, from its logits."""
-        return mx.concatenate([s(logits[i : i + 1]) for i, s in enumerate(target.samplers)])
+    def sample(self, target: Batch, logits: mx.array, drafts: mx.array) -> mx.array:
+        """Rank 0: the next token at each position of each row of a batch, row after
+        row, from its logits; `drafts` (rows x positions - 1): the tokens fed after
+        each row's first, which later positions are conditioned on (a verification)."""
+        return mx.concatenate([s(logits[i : i + 1], drafts[i]) for i, s in enumerate(target.samplers)])
 
     def receive_ack(self, rows: int) -> list[mx.array]:
         """Rank 0 of a ring: the last rank's acknowledgement of a prefill step (lazy)."""
         return [self.transport.receive_array((rows,), mx.int32)]
 
-    def receive_tokens(self, batch: int, share: bool) -> list[mx.array]:
+    def receive_tokens(self, batch: int, share: bool, drafts: mx.array) -> list[mx.array]:
         """Rank 0 of a ring: what a sampling step sends back, in order (lazy); the
-        last is the tokens, sampled from the logits the last rank sends. With
+        last is the tokens, sampled from the logits the last rank sends (one
+        position per token fed: the first, then `drafts`, see `sample`). With
         `share`, the head's input comes first, and rank 0's half of the logits
         from it comes before the tokens, to compute while the last rank does the rest."""
         target = self.table.batches[batch]
-        rows, head = len(target.members), self.head
+        rows, length, head = len(target.members), 1 + drafts.shape[1], self.head
         start = head.split if share else 0
         results = []
         if share:
-            hidden = self.transport.receive_array((rows, 1, head.hidden_size), head.input_dtype)
+            hidden = self.transport.receive_array((rows, length, head.hidden_size), head.input_dtype)
             results.append(head.logits(hidden, 0, start))
-        logits = self.transport.receive_array((rows, 1, self.vocab - start), self.logits_dtype)
+        logits = self.transport.receive_array((rows, length, self.vocab - start), self.logits_dtype)
         if share:
             logits = mx.concatenate([results[0], logits], axis=-1)
-        return results + [self.sample(target, logits)]
+        return results + [self.sample(target, logits, drafts)]

@@ -38,28 +38,52 @@ class TokenSampler:
         self.logprob_log: Optional[deque] = None
         self.top_logprobs = 0
 
-    def __call__(self, logits: mx.array) -> mx.array:
-        """Next token (shape [1]) from the logits of the last position."""
-        logits = logits[:, -1, :]
+    def __call__(self, logits: mx.array, drafts: Optional[mx.array] = None) -> mx.array:
+        """The next token at each position of a step's logits (shape [1, L, vocab] in,
+        [L] out). A decode step has one position; a verification step's positions
+        after the first follow `drafts` (L - 1 proposed tokens), each conditioned on
+        the proposals before it, as mlx-lm's speculative decoding samples them."""
+        history = self.history
+        tokens = []
+        for i in range(logits.shape[1]):
+            context = mx.concatenate([history, drafts[:i]]) if i and self.processors else history
+            tokens.append(self._draw(logits[:, i, :], context))
+        tokens = mx.concatenate(tokens)
+        if self.processors:
+            self.history = mx.concatenate([history, tokens])
+        return tokens
+
+    def _draw(self, logits: mx.array, history: mx.array) -> mx.array:
+        """One position's token (shape [1]) from its logits (shape [1, vocab])."""
         if self.constraint is not None:
             logits = mx.where(self.constraint.allowed(), logits, -mx.inf)
         for processor in self.processors:
-            logits = processor(self.history, logits)
+            logits = processor(history, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if self.seed is not None:
             # Sequences share MLX's one random state and step in any order: a
             # seeded one reseeds it per token, so its draws are its own.
             mx.random.seed((self.seed * SEED_STRIDE + self.drawn) % 2**64)
-            self.drawn += 1
+        self.drawn += 1
         token = self.sample(logprobs).astype(mx.int32)
         if self.logprob_log is not None:
             k = self.top_logprobs
             top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k] if k else mx.zeros((1, 0), mx.int32)
             self.logprob_log.append((mx.take_along_axis(logprobs, token[:, None], axis=-1), top,
                                      mx.take_along_axis(logprobs, top, axis=-1)))
-        if self.processors:
-            self.history = mx.concatenate([self.history, token])
         return token
+
+    def rewind(self, count: int) -> None:
+        """Forget the last `count` draws (rejected positions of a verification step,
+        their log-probabilities the last unread ones): the next draw takes the first
+        one's position and randomness."""
+        if count <= 0:
+            return
+        self.drawn -= count
+        if self.processors:
+            self.history = self.history[: self.history.size - count]
+        for _ in range(count if self.logprob_log is not None else 0):
+            self.logprob_log.pop()
 
 
 def check_sampling(params: SamplingParams, vocab_size: int) -> None:

@@ -13,7 +13,10 @@ chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes alone. A
 prefilled micro-batch then joins the smallest decoding one (mlx-lm's batch caches
 take its sequences as new rows).
 A micro-batch's next step is built on its tokens before they arrive; a sequence that
-ended meanwhile rides along that one step and leaves after it.
+ended meanwhile rides along that one step and leaves after it. A sequence decoding
+alone may speculate instead (`distributed.speculation`): its next step, built once its
+tokens are in, verifies proposals too, and the positions it rejects are trimmed from
+every rank's caches; with more sequences active, speculation waits.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from distributed.prompt_cache import PromptCacheIndex
 from distributed.constraint import Grammars
 from distributed.sampling import SamplingParams, check_sampling
 from distributed.sequence import Sequence, TokenResult
+from distributed.speculation import Speculation
 from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
@@ -50,12 +54,14 @@ class Scheduler:
         eos_token_ids: frozenset[int] = frozenset(),
         vocab_size: Optional[int] = None,
         grammars: Optional[Grammars] = None,
+        speculation: Optional[Speculation] = None,
     ):
         self.pipeline = pipeline
         self.transport = pipeline.transport
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.grammars = grammars
+        self.speculation = speculation
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
@@ -234,13 +240,16 @@ class Scheduler:
             for seq in list(micro.members):
                 self._leave(micro, seq)
             return
+        drafts = []
         if micro.decoding:
             if micro.work is None and self._is_smallest(micro):
                 self._absorb(micro)  # prompts prefilled since the last step join this one
-            work = micro.work or self._decode_step(micro, self._next_inputs(micro.members))
-            length, sample = 1, True
+            if micro.work is None and self._may_speculate(micro):
+                drafts = self.speculation.propose(self.sequences[micro.members[0]])
+            work = micro.work or self._decode_step(micro, self._next_inputs(micro.members), drafts)
+            length, sample = 1 + len(drafts), True
             for seq in micro.members:
-                self.sequences[seq].fed += 1
+                self.sequences[seq].fed += length
             self.prefill_budget = self.prefill_step_size
         else:
             work, length = self._prefill_step(micro)
@@ -257,15 +266,16 @@ class Scheduler:
         if not ring:
             results = [work.compute[-1]]
         elif sample:
-            results = self.pipeline.receive_tokens(micro.batch, share)
+            fed_after = mx.array([drafts], mx.int32) if drafts else mx.zeros((len(micro.members), 0), mx.int32)
+            results = self.pipeline.receive_tokens(micro.batch, share, fed_after)
         else:
             results = self.pipeline.receive_ack(len(micro.members))
         if ring:
             self.transport.expect(results)
         tokens = results[-1]
-        self.flights.append(Flight(micro.batch, list(micro.members), results, sample))
+        self.flights.append(Flight(micro.batch, list(micro.members), results, sample, drafts))
         micro.work = None
-        if micro.decoding:
+        if micro.decoding and not self._may_speculate(micro):
             self._build_ahead(micro, tokens)
 
     def _prefill_step(self, micro: MicroBatch) -> tuple[StepWork, int]:
@@ -288,8 +298,21 @@ class Scheduler:
         """Each sequence's next token to feed, one row each."""
         return mx.array([self.sequences[s].tokens[self.sequences[s].fed] for s in members], dtype=mx.int32)
 
-    def _decode_step(self, micro: MicroBatch, inputs: mx.array) -> StepWork:
-        return self.pipeline.run(micro.batch, inputs[:, None], True)
+    def _decode_step(self, micro: MicroBatch, inputs: mx.array, drafts: list[int] = ()) -> StepWork:
+        """One token a row; with `drafts`, the micro-batch's one row verifies them too."""
+        ids = mx.concatenate([inputs, mx.array(drafts, dtype=mx.int32)])[None] if drafts else inputs[:, None]
+        return self.pipeline.run(micro.batch, ids, True)
+
+    def _may_speculate(self, micro: MicroBatch) -> bool:
+        """Whether `micro`'s next step may verify proposals: a sequence decoding alone,
+        free of a grammar (whose mask needs each token before the next)."""
+        if self.speculation is None or self.active > 1 or len(micro.members) != 1:
+            return False
+        return self.sequences[micro.members[0]].constraint is None
+
+    def speculation_record(self) -> Optional[dict]:
+        """SPECULATION's state and figures for rank 0's heartbeat (None when off)."""
+        return self.speculation.record(self.active) if self.speculation else None
 
     def _build_ahead(self, micro: MicroBatch, pending: mx.array) -> None:
         """Right after a decode step of `micro` went out: sequences whose last
@@ -381,11 +404,16 @@ class Scheduler:
     def _collect(self) -> list[TokenResult]:
         flight = self.flights.popleft()
         if self.pipeline.results_over_ring:
+            if flight.drafts and flight.members[0] in self.sequences:
+                self.transport.flush()  # the verification goes on around the ring meanwhile
+                self.speculation.ahead(self.sequences[flight.members[0]], flight.drafts)
             self.transport.receive(flight.results)
             self.transport.flush()  # the next rank may be waiting for a step started since
         values = flight.results[-1].tolist()
         results = []
-        if flight.sample:
+        if flight.drafts:
+            results = self._verified(flight, values)
+        elif flight.sample:
             for seq, token in zip(flight.members, values):
                 sequence = self.sequences.get(seq)
                 if sequence is None or sequence.finished:
@@ -396,6 +424,20 @@ class Scheduler:
         micro = self.micro_batches.get(flight.batch)
         if micro is not None:
             self._requeue(micro)
+        return results
+
+    def _verified(self, flight: Flight, sampled: list[int]) -> list[TokenResult]:
+        """A verification step's tokens; then every rank forgets the positions after the last one kept."""
+        sequence = self.sequences.get(flight.members[0])
+        if sequence is None:
+            return []  # it left: its caches are gone
+        results = [] if sequence.finished else self.speculation.take(sequence, flight.drafts, sampled,
+                                                                     self.eos_token_ids)
+        if results and results[-1].finish_reason is not None:
+            self.finish(sequence.seq)
+        if unused := len(sampled) - len(results):
+            self.pipeline.tell(Header(Op.TRIM, flight.batch, length=unused))
+            sequence.fed -= unused
         return results
 
     def _prefilled(self, micro: MicroBatch) -> bool:

@@ -24,6 +24,7 @@ class TokenResult:
     token: int
     finish_reason: Optional[Literal["stop", "length"]] = None
     logprob: Optional[TokenLogprob] = None  # when its request asked for log-probabilities
+    from_draft: bool = False  # a speculative proposal the model accepted
 
     @property
     def in_completion(self) -> bool:
@@ -58,8 +59,9 @@ class Sequence:
         """Whether max_tokens are drawn once `ahead` more tokens are."""
         return self.generated + ahead >= self.max_tokens
 
-    def draw(self, token: int, eos_token_ids: frozenset[int]) -> TokenResult:
-        """Take the next token; the result says whether it ends the sequence."""
+    def draw(self, token: int, eos_token_ids: frozenset[int], from_draft: bool = False) -> TokenResult:
+        """Take the next token (`from_draft`: an accepted proposal); the result says
+        whether it ends the sequence."""
         self.tokens.append(token)
         if self.constraint is not None:
             self.constraint.consume(token)
@@ -69,5 +71,5 @@ class Sequence:
             logprob = TokenLogprob(token=token, logprob=chosen.item(),
                                    top=sorted(zip(top_ids[0].tolist(), top_values[0].tolist()), key=lambda t: -t[1]))
         if token in eos_token_ids:
-            return TokenResult(self.seq, token, "stop", logprob)
-        return TokenResult(self.seq, token, "length" if self.reaches_length() else None, logprob)
+            return TokenResult(self.seq, token, "stop", logprob, from_draft)
+        return TokenResult(self.seq, token, "length" if self.reaches_length() else None, logprob, from_draft)

@@ -50,6 +50,7 @@ class Reply:
     claimed_at: float
     first_token: Optional[float] = None
     completion: int = 0
+    accepted: int = 0  # completion tokens that were accepted speculative proposals
     unwritten: list[int] = field(default_factory=list)  # drawn tokens whose text is held back
     logprobs: Optional[list[TokenLogprob]] = None  # theirs, when the request asked for them
     batch: bool = False  # a batch line, which yields to interactive requests
@@ -88,6 +89,7 @@ class Serving:
                 "kv_capacity_bytes": self.scheduler.limits.kv_capacity,
                 "kv_reserved_bytes": self.scheduler.reserved,
                 "prompt_cache_tokens": prompt_cache.tokens if prompt_cache else None,
+                "speculation": self.scheduler.speculation_record(),
                 "parallel": self.cluster.parallel.record(),
                 "ranks": self.cluster.ranks,
                 "settings": ring_settings(self.settings),
@@ -189,6 +191,7 @@ class Serving:
         if result.in_completion:
             self.stats.token()
             reply.completion += 1
+            reply.accepted += result.from_draft
             reply.unwritten.append(result.token)
             if reply.logprobs is not None:
                 reply.logprobs.append(result.logprob)
@@ -223,7 +226,7 @@ class Serving:
             if tail or reply.unwritten:
                 self.write_delta(reply, tail)
         now = time.perf_counter()
-        usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens)
+        usage = Usage.of(reply.prompt_tokens, reply.completion, reply.cached_tokens, reply.accepted)
         timings = Timings(claimed_at=reply.claimed_at, time_to_first_token=(reply.first_token or now) - reply.started,
                           total=now - reply.started)
         self.stats.answered(timings.time_to_first_token, reply.cached_tokens)

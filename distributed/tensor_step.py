@@ -36,6 +36,7 @@ class TensorPipeline(Pipeline):
         ones are fine); elsewhere zeros of their shape. With `sample`, rank 0 gets
         each row's next token; a step of one row shares the head (`TensorHead`), which
         every rank knows from the batch alone (`share` is the pipeline's, unused)."""
+        drafts = ids[:, 1:]
         ids = mx.distributed.all_sum(ids, group=self.transport.world)
         if self.tensor_head is not None:
             self.tensor_head.shared = sample and ids.shape[0] == 1
@@ -45,7 +46,7 @@ class TensorPipeline(Pipeline):
             # step's last array as its tokens; a prefill has none, so zeros stand in.
             return StepWork([target.cache.state, mx.zeros((ids.shape[0],), dtype=mx.int32)])
         if self.stage.is_first:
-            return StepWork([self.sample(target, out)])
+            return StepWork([self.sample(target, out, drafts)])
         return StepWork([out])  # the last all-reduce's (or all-gather's) result
 
     def follow_step(self, header: Header) -> None:

@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.queue_depth.set(spool.queue_depth())
         metrics.active.set(beat.get("active", 0) if fresh else 0)
         metrics.prompt_cache_tokens.set((beat.get("prompt_cache_tokens") or 0) if fresh else 0)
+        metrics.speculation(beat.get("speculation") if fresh else None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

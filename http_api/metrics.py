@@ -34,6 +34,13 @@ class Metrics:
                                          registry=r)
         self.batch_lines = Gauge("mlx_ring_batch_lines", "Lines of each running batch: total, completed, failed",
                                  ["batch", "state"], registry=r)
+        self.accepted_predictions = Counter("mlx_ring_accepted_prediction_tokens",
+                                            "Completion tokens that were accepted speculative proposals", registry=r)
+        self.acceptance_rate = Gauge("mlx_ring_speculation_acceptance_rate",
+                                     "Speculative proposals the ring accepted, of those it verified, since start",
+                                     registry=r)
+        self.tokens_per_pass = Gauge("mlx_ring_speculation_tokens_per_pass",
+                                     "Tokens kept per speculative verification pass, since start", registry=r)
 
     def batch_progress(self, counts: dict[str, RequestCounts]) -> None:
         """The running batches' line counts, by batch id (one that ended leaves the metric)."""
@@ -49,3 +56,10 @@ class Metrics:
         cached = usage.prompt_tokens_details.cached_tokens
         (self.prompt_cache_hits if cached else self.prompt_cache_misses).inc()
         self.prompt_cache_reused.inc(cached)
+        self.accepted_predictions.inc(usage.completion_tokens_details.accepted_prediction_tokens)
+
+    def speculation(self, record: dict | None) -> None:
+        """Rank 0's speculation figures (its heartbeat's `speculation`; None when off or unknown)."""
+        record = record or {}
+        self.acceptance_rate.set(record.get("acceptance_rate") or 0)
+        self.tokens_per_pass.set(record.get("tokens_per_pass") or 0)

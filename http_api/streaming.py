@@ -48,11 +48,13 @@ class Reply(Protocol):
 
 
 def total_usage(finals: list[Final]) -> Usage:
-    """The usage of n choices as OpenAI counts it: the prompt once, the completions summed;
-    cached tokens are those every choice took from the prompt cache."""
+    """The usage of n choices as OpenAI counts it: the prompt once, the completions (and
+    their accepted speculative proposals) summed; cached tokens are those every choice
+    took from the prompt cache."""
     first = finals[0].usage
     return Usage.of(first.prompt_tokens, sum(f.usage.completion_tokens for f in finals),
-                    min(f.usage.prompt_tokens_details.cached_tokens for f in finals))
+                    min(f.usage.prompt_tokens_details.cached_tokens for f in finals),
+                    sum(f.usage.completion_tokens_details.accepted_prediction_tokens for f in finals))
 
 
 def _client_gone() -> APIError:
