@@ -16,7 +16,6 @@ which writes OUT_DIR/<arch> for each ARCH (default: all of ARCHITECTURES).
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from test_api import AUTH, ApiServer, RankProcess, _metric, _mlx_lm_greedy, _ring_settings, _settings, \
-    _wait_for, ring_and_api
+    ring_and_api
 
 from conftest import rank_env
 from config import REPO_DIR

@@ -4,7 +4,6 @@ way the ring stays healthy and the next ordinary request is served."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import httpx

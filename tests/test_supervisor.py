@@ -12,7 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import httpx
 import openai
