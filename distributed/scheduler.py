@@ -33,6 +33,7 @@ from distributed.limits import Limits, RequestError
 from distributed.micro_batch import Flight, MicroBatch
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
+from distributed.prefill import Prefill
 from distributed.prompt_cache import PromptCacheIndex
 from distributed.constraint import Grammars
 from distributed.sampling import SamplingParams, check_sampling
@@ -43,7 +44,7 @@ from distributed.transport import StepWork
 log = logging.getLogger(__name__)
 
 
-class Scheduler:
+class Scheduler(Prefill):
     def __init__(
         self,
         pipeline: Pipeline,
@@ -194,46 +195,6 @@ class Scheduler:
                 self._gather_prompts(micro)
         return micro
 
-    def _prefill_order(self, micro: MicroBatch) -> tuple[bool, int]:
-        """Interactive prompts first, then batch lines; first come, first served."""
-        return all(self.sequences[s].background for s in micro.members), micro.batch
-
-    def _remaining_prompt(self, seq: int) -> int:
-        """Prompt tokens still to prefill (the last one goes through the first decode step)."""
-        sequence = self.sequences[seq]
-        return sequence.prompt_tokens - 1 - sequence.fed
-
-    def _unstarted(self, micro: MicroBatch) -> bool:
-        """A lone sequence none of whose prompt has been prefilled yet."""
-        if len(micro.members) != 1 or micro.decoding:
-            return False
-        sequence = self.sequences[micro.members[0]]
-        return sequence.fed == sequence.cached and not sequence.finished
-
-    def _gather_prompts(self, micro: MicroBatch) -> None:
-        """Merge into `micro` the other prompts waiting to start, first come first
-        served, while one chunk of them all (padding included) fits in
-        PREFILL_STEP_SIZE tokens; then tell every rank how they are padded."""
-        if self.max_decoding is None:
-            return  # no batch caches
-        longest = self._remaining_prompt(micro.members[0])
-        for batch in sorted(self.ready):
-            other = self.micro_batches[batch]
-            if not self._unstarted(other):
-                continue
-            remaining = self._remaining_prompt(other.members[0])
-            if (len(micro.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
-                break
-            longest = max(longest, remaining)
-            self.ready.remove(batch)
-            self._merge(micro, other)
-        if len(micro.members) == 1:
-            return
-        lengths = [self._remaining_prompt(s) for s in micro.members]
-        padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
-        self.pipeline.tell(Header(Op.PREPARE, micro.batch), json.dumps(padding).encode())
-        log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
-
     def _launch(self, micro: MicroBatch) -> None:
         if all(self.sequences[s].finished for s in micro.members):
             # Nobody wants this step: drop the micro-batch (and any step built ahead) unlaunched.
@@ -277,22 +238,6 @@ class Scheduler:
         micro.work = None
         if micro.decoding and not self._may_speculate(micro):
             self._build_ahead(micro, tokens)
-
-    def _prefill_step(self, micro: MicroBatch) -> tuple[StepWork, int]:
-        """The next chunk of the prompts but their last tokens, chunked as mlx-lm's
-        generate_step does so that outputs match it exactly; shorter prompts of a
-        micro-batch are right-padded. The last prompt token goes through the sequence's
-        first decode step, which samples."""
-        sequences = [self.sequences[s] for s in micro.members]
-        todo = [s.tokens[s.fed : s.prompt_tokens - 1] for s in sequences]
-        count = min(self.prefill_step_size, max(len(t) for t in todo))
-        rows = []
-        for sequence, tokens in zip(sequences, todo):
-            chunk = tokens[:count]
-            sequence.fed += len(chunk)
-            rows.append(chunk + [0] * (count - len(chunk)))
-        self.prefill_budget -= count * len(rows)
-        return self.pipeline.run(micro.batch, mx.array(rows, dtype=mx.int32), False), count
 
     def _next_inputs(self, members: list[int]) -> mx.array:
         """Each sequence's next token to feed, one row each."""
@@ -338,11 +283,6 @@ class Scheduler:
         if joining:
             parts.append(self._next_inputs(joining))
         micro.work = self._decode_step(micro, mx.concatenate(parts) if len(parts) > 1 else parts[0])
-
-    def _prompt_ending(self) -> bool:
-        """Whether a prompt being prefilled ends with its next chunk."""
-        return any(not b.decoding and all(self._remaining_prompt(s) <= self.prefill_step_size for s in b.members)
-                   for b in self.micro_batches.values())
 
     # Micro-batch membership.
 
@@ -439,9 +379,6 @@ class Scheduler:
             self.pipeline.tell(Header(Op.TRIM, flight.batch, length=unused))
             sequence.fed -= unused
         return results
-
-    def _prefilled(self, micro: MicroBatch) -> bool:
-        return all(self._remaining_prompt(s) <= 0 for s in micro.members)
 
     def _requeue(self, micro: MicroBatch) -> None:
         if not micro.decoding and self._prefilled(micro):

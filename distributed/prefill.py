@@ -1,0 +1,83 @@
+"""How the scheduler prefills prompts: which goes first (interactive before batch lines,
+then first come, first served), which start together as one padded micro-batch, and the
+chunks of PREFILL_STEP_SIZE tokens they go through in, as mlx-lm's generate_step cuts
+them. A mixin of `distributed.scheduler.Scheduler`, whose state it reads."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import mlx.core as mx
+
+from distributed.messages import Header, Op
+from distributed.micro_batch import MicroBatch
+from distributed.transport import StepWork
+
+log = logging.getLogger(__name__)
+
+
+class Prefill:
+    def _prefill_order(self, micro: MicroBatch) -> tuple[bool, int]:
+        """Interactive prompts first, then batch lines; first come, first served."""
+        return all(self.sequences[s].background for s in micro.members), micro.batch
+
+    def _remaining_prompt(self, seq: int) -> int:
+        """Prompt tokens still to prefill (the last one goes through the first decode step)."""
+        sequence = self.sequences[seq]
+        return sequence.prompt_tokens - 1 - sequence.fed
+
+    def _unstarted(self, micro: MicroBatch) -> bool:
+        """A lone sequence none of whose prompt has been prefilled yet."""
+        if len(micro.members) != 1 or micro.decoding:
+            return False
+        sequence = self.sequences[micro.members[0]]
+        return sequence.fed == sequence.cached and not sequence.finished
+
+    def _gather_prompts(self, micro: MicroBatch) -> None:
+        """Merge into `micro` the other prompts waiting to start, first come first
+        served, while one chunk of them all (padding included) fits in
+        PREFILL_STEP_SIZE tokens; then tell every rank how they are padded."""
+        if self.max_decoding is None:
+            return  # no batch caches
+        longest = self._remaining_prompt(micro.members[0])
+        for batch in sorted(self.ready):
+            other = self.micro_batches[batch]
+            if not self._unstarted(other):
+                continue
+            remaining = self._remaining_prompt(other.members[0])
+            if (len(micro.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
+                break
+            longest = max(longest, remaining)
+            self.ready.remove(batch)
+            self._merge(micro, other)
+        if len(micro.members) == 1:
+            return
+        lengths = [self._remaining_prompt(s) for s in micro.members]
+        padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
+        self.pipeline.tell(Header(Op.PREPARE, micro.batch), json.dumps(padding).encode())
+        log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
+
+    def _prefill_step(self, micro: MicroBatch) -> tuple[StepWork, int]:
+        """The next chunk of the prompts but their last tokens, chunked as mlx-lm's
+        generate_step does so that outputs match it exactly; shorter prompts of a
+        micro-batch are right-padded. The last prompt token goes through the sequence's
+        first decode step, which samples."""
+        sequences = [self.sequences[s] for s in micro.members]
+        todo = [s.tokens[s.fed : s.prompt_tokens - 1] for s in sequences]
+        count = min(self.prefill_step_size, max(len(t) for t in todo))
+        rows = []
+        for sequence, tokens in zip(sequences, todo):
+            chunk = tokens[:count]
+            sequence.fed += len(chunk)
+            rows.append(chunk + [0] * (count - len(chunk)))
+        self.prefill_budget -= count * len(rows)
+        return self.pipeline.run(micro.batch, mx.array(rows, dtype=mx.int32), False), count
+
+    def _prompt_ending(self) -> bool:
+        """Whether a prompt being prefilled ends with its next chunk."""
+        return any(not b.decoding and all(self._remaining_prompt(s) <= self.prefill_step_size for s in b.members)
+                   for b in self.micro_batches.values())
+
+    def _prefilled(self, micro: MicroBatch) -> bool:
+        return all(self._remaining_prompt(s) <= 0 for s in micro.members)
