@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 from mlx_lm.utils import load_tokenizer
-from test_api import KEY, ApiServer, _mlx_lm_greedy, _spooled_request, ring_and_api
+from test_api import KEY, ApiServer, _mlx_lm_greedy, _spooled_request, tiny_api
 from test_tool_calls import WEATHER, make_tool_model
 
 
@@ -31,10 +31,8 @@ def model(tiny_models: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
     # Anthropic's current client sends no sampling fields: greedy is the operator's default here.
-    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny", "default_temperature": 0.0}
-                      ) as (server, _):
+    with tiny_api(model, tmp_path_factory, default_temperature=0.0) as server:
         yield server
 
 
@@ -110,8 +108,7 @@ def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tool_api(tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    spool_dir = tmp_path_factory.mktemp("tool-ring") / "spool"
-    with ring_and_api(tool_model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+    with tiny_api(tool_model, tmp_path_factory) as server:
         yield server
 
 

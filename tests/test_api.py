@@ -358,6 +358,14 @@ def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1, api_settings: dic
             rank.stop()
 
 
+@contextmanager
+def tiny_api(model: Path, tmp_path_factory: pytest.TempPathFactory, **api_settings) -> Iterator[ApiServer]:
+    """One rank on `model` and the API serving it under the name "tiny", on a fresh spool."""
+    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
+    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny", **api_settings}) as (server, _):
+        yield server
+
+
 @pytest.fixture(scope="module")
 def real_ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, RankProcess]]:
     """`python server.py` (one rank) and the API on one spool, both on the tiny model."""

@@ -11,7 +11,7 @@ import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.generate import generate_step
-from test_api import ApiServer, _load, ring_and_api
+from test_api import ApiServer, _load, tiny_api
 
 
 MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
@@ -25,8 +25,7 @@ def model(tiny_models: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+    with tiny_api(model, tmp_path_factory) as server:
         yield server
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from test_api import ApiServer, _metric, _mlx_lm_greedy, ring_and_api
+from test_api import ApiServer, _metric, _mlx_lm_greedy, tiny_api
 
 
 TOKENS = 8
@@ -30,8 +30,7 @@ def model(tiny_models: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+    with tiny_api(model, tmp_path_factory) as server:
         yield server
 
 

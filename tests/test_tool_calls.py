@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
-from test_api import ApiServer, _ring_settings, _spooled_request, ring_and_api
+from test_api import ApiServer, _ring_settings, _spooled_request, tiny_api
 
 from http_api.anthropic.replies import MessageReply
 from http_api.replies import ChatReply
@@ -68,8 +68,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny"}) as (server, _):
+    with tiny_api(model, tmp_path_factory) as server:
         yield server
 
 
