@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from http_api.errors import ERROR_RESPONSES, APIError
+from http_api.errors import ERROR_RESPONSES, APIError, stored_or_404
 from http_api.files import file_or_404
 from http_api.schemas import Strict
 from spool.batches import ENDED, Batch, BatchStore, Endpoint, check_batch_id, new_batch_id
@@ -47,13 +47,7 @@ def _shown(store: BatchStore, batch: Batch) -> Batch:
 
 
 def _batch_or_404(store: BatchStore, batch_id: str) -> Batch:
-    try:
-        found = store.get(check_batch_id(batch_id))
-    except ValueError:
-        found = None
-    if found is None:
-        raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
-    return found
+    return stored_or_404(store.get, check_batch_id, "Batch", batch_id)
 
 
 @router.post("/v1/batches", response_model=Batch, responses=ERROR_RESPONSES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,6 +17,23 @@ from spool.protocol import Failed
 # Inside a union pydantic names the member type ("str", "list[TextPart]") in an error's
 # location: the field's name ends there.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+Stored = TypeVar("Stored")
+
+
+def stored_or_404(get: Callable[[str], Stored | None], check: Callable[[str], str], kind: str,
+                  object_id: str) -> Stored:
+    """The stored object `object_id`; a 404 for one that does not exist or an id that
+    `check` refuses (a path traversal is no object's id), in OpenAI's words."""
+    try:
+        found = get(check(object_id))
+    except ValueError:
+        found = None
+    if found is None:
+        name = kind.lower()
+        raise APIError(404, f"No such {kind} object: {object_id}", param=f"{name}_id", code=f"{name}_not_found")
+    return found
 
 
 class ErrorDetail(BaseModel):

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
-from http_api.errors import ERROR_RESPONSES, APIError
+from http_api.errors import ERROR_RESPONSES, APIError, stored_or_404
 from spool.batches import ENDED, BatchStore
 from spool.files import FileObject, FileStore, check_file_id
 
@@ -38,14 +38,7 @@ def _store(request: Request) -> FileStore:
 
 
 def file_or_404(store: FileStore, file_id: str) -> FileObject:
-    """The file `file_id`; 404 for one that does not exist or an id that is no file's."""
-    try:
-        found = store.get(check_file_id(file_id))
-    except ValueError:
-        found = None
-    if found is None:
-        raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
-    return found
+    return stored_or_404(store.get, check_file_id, "File", file_id)
 
 
 @router.post(UPLOAD_PATH, response_model=FileObject, responses=ERROR_RESPONSES)

@@ -133,6 +133,10 @@ def test_files_refusals(front: ApiServer) -> None:
     for bad in ("secret", "file-..", "..%2Fheartbeat.json", "file-" + "0" * 24):
         response = httpx.get(f"{front.url}/v1/files/{bad}/content", headers=AUTH)
         assert response.status_code == 404 and "hidden-bytes" not in response.text
+    for bad in ("batch_" + "0" * 24, "batch_..", "secret"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.batches.retrieve(bad)
+        assert err.value.body["code"] == "batch_not_found" and err.value.body["param"] == "batch_id"
 
 
 def test_batch_validation_lists_bad_lines_and_fails_with_none_good(front: ApiServer, tiny_model: Path) -> None:
