@@ -130,6 +130,11 @@ def generate_json(ranks: int, backend: str, settings: dict[str, str], args: list
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def load_reference(path: Path | str):
+    """mlx-lm's model and tokenizer of `path`, loaded once per test session."""
+    return _load(str(path))
+
+
 @lru_cache(maxsize=4)
 def _load(path: str):
     from mlx_lm import load

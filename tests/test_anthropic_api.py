@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 from mlx_lm.utils import load_tokenizer
-from test_api import KEY, ApiServer, _mlx_lm_greedy, _spooled_request, tiny_api
+from harness import KEY, ApiServer, mlx_lm_greedy, spooled_request, tiny_api
 from test_tool_calls import WEATHER, make_tool_model
 
 
@@ -41,7 +41,7 @@ def _client(api: ApiServer, key: str = KEY) -> anthropic.Anthropic:
 
 
 def test_messages_create_matches_mlx_lm(api: ApiServer, model: Path) -> None:
-    reference = _mlx_lm_greedy(model, CHAT, 12)
+    reference = mlx_lm_greedy(model, CHAT, 12)
     message = _client(api).messages.create(model="tiny", system=SYSTEM, messages=MESSAGES, max_tokens=12)
     assert message.type == "message" and message.role == "assistant" and message.model == "tiny"
     assert [block.type for block in message.content] == ["text"]
@@ -53,7 +53,7 @@ def test_messages_create_matches_mlx_lm(api: ApiServer, model: Path) -> None:
 
 
 def test_messages_stream_matches_mlx_lm(api: ApiServer, model: Path) -> None:
-    reference = _mlx_lm_greedy(model, CHAT, 12)
+    reference = mlx_lm_greedy(model, CHAT, 12)
     with _client(api).messages.stream(model="tiny", system=[{"type": "text", "text": SYSTEM}],
                                       messages=MESSAGES, max_tokens=12) as stream:
         text = "".join(stream.text_stream)
@@ -69,7 +69,7 @@ def test_messages_stream_matches_mlx_lm(api: ApiServer, model: Path) -> None:
 
 
 def test_stop_sequence(api: ApiServer, model: Path) -> None:
-    reference = _mlx_lm_greedy(model, CHAT, 12)
+    reference = mlx_lm_greedy(model, CHAT, 12)
     stop, before = reference.segments[5], "".join(reference.segments[:5])
     assert stop and reference.text.find(stop) == len(before), reference.segments
     message = _client(api).messages.create(model="tiny", system=SYSTEM, messages=MESSAGES, max_tokens=12,
@@ -173,7 +173,7 @@ def test_tool_results_reach_the_template(tool_api: ApiServer, tool_model: Path) 
     template_tools = [{"type": "function", "function": {"name": t["name"], **({"description": t["description"]}
                        if "description" in t else {}), "parameters": t["input_schema"]}} for t in TOOLS]
     tokens = load_tokenizer(tool_model).apply_chat_template(expected, tools=template_tools, add_generation_prompt=True)
-    assert _spooled_request(tool_api, message.id.removeprefix("msg_")).prompt_tokens == list(tokens)
+    assert spooled_request(tool_api, message.id.removeprefix("msg_")).prompt_tokens == list(tokens)
     count = _client(tool_api).messages.count_tokens(model="tiny", messages=history, tools=TOOLS)
     assert count.input_tokens == len(tokens)
 
@@ -184,7 +184,7 @@ def test_one_tool_use_stops_at_its_end(tool_api: ApiServer) -> None:
     message = _client(tool_api).messages.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=4,
                                                 stop_sequences=["zz"],
                                                 tool_choice={"type": "auto", "disable_parallel_tool_use": True})
-    assert _spooled_request(tool_api, message.id.removeprefix("msg_")).stop == ["zz", "</tool_call>"]
+    assert spooled_request(tool_api, message.id.removeprefix("msg_")).stop == ["zz", "</tool_call>"]
     assert message.stop_sequence is None and message.stop_reason == "max_tokens"
 
 

@@ -18,34 +18,27 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import mlx_lm
 import openai
 import pytest
-import uvicorn
-from conftest import launch_command, rank_env
-from mlx_lm.sample_utils import make_sampler
+from conftest import rank_env
+from harness import (
+    KEY, AUTH, MAX_BYTES, MAX_SEQ, RING_MAX_SEQ, ApiServer, RankProcess, ring_and_api, api_settings_for,
+    error_body, wait_for, ring_settings_for, mlx_lm_greedy, spooled_request, metric_value
+)
 
 from api import SHUTDOWN_GRACE
-from http_api import create_app
 from http_api.events import HEARTBEAT_CHECK, KEEPALIVE_EVERY
-from config import REPO_DIR, Settings, load_settings
+from config import REPO_DIR
 from spool import Spool
 from spool.notify import watchfiles_watch
 from spool.protocol import Delta, Event, Final, SamplingParams, SpoolRequest, Supervision
 from models.tiny import VOCAB_SIZE, make_tiny_model
 
-KEY = "sk-test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_BYTES = 4096
-MAX_SEQ = 256
-RING_MAX_SEQ = 4096  # MAX_SEQUENCE_LENGTH of the real rank and its API: room for long generations
 # Greedy decoding of the tiny model never reaches EOS within LONG_TOKENS for this prompt,
 # and LONG_TOKENS take it tens of seconds: long enough to act on a generation under way.
 LONG_MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
@@ -57,57 +50,14 @@ LONG_TOKENS = 3000
 # ---------------------------------------------------------------------------
 
 
-class ApiServer:
-    """create_app(settings) under a real uvicorn in a thread, on a socket bound here."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings), log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "ApiServer":
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "API did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-    @property
-    def spool(self) -> Spool:
-        return Spool(self.settings.spool_dir)
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kwargs)
-
-    def post(self, path: str, body: dict, timeout: float = 30) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, headers=AUTH, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("model") / "llama")
 
 
-def _settings(model: Path, spool_dir: Path, **overrides) -> Settings:
-    values = dict(model_repo=str(model), spool_dir=spool_dir, api_key=KEY, max_request_bytes=MAX_BYTES,
-                  max_sequence_length=MAX_SEQ, default_max_tokens=16, request_timeout=5.0,
-                  heartbeat_timeout=2.0, ring_down_after=30.0)
-    return load_settings(**(values | overrides))
-
-
 @pytest.fixture(scope="module")
 def api_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    with ApiServer(_settings(tiny_model, tmp_path_factory.mktemp("spool"))) as server:
+    with ApiServer(api_settings_for(tiny_model, tmp_path_factory.mktemp("spool"))) as server:
         yield server
 
 
@@ -122,12 +72,6 @@ def api(api_server: ApiServer) -> ApiServer:
     return api_server
 
 
-def _error(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
-
-
 def _chat(**extra) -> dict:
     return {"model": "MODEL", "messages": [{"role": "user", "content": "Say hello"}], **extra}
 
@@ -140,15 +84,6 @@ def _sse_events(response: httpx.Response) -> list:
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _files(api: ApiServer, sub: str) -> list[Path]:
@@ -175,7 +110,7 @@ def test_api_key_is_required_on_v1_only(api: ApiServer, model_id: str) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.get(f"{api.url}/v1/models", headers=headers)
         assert response.status_code == 401
-        assert _error(response)["code"] == "invalid_api_key"
+        assert error_body(response)["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{api.url}/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(f"{api.url}/metrics").status_code == 200
@@ -192,12 +127,12 @@ def test_unknown_model_is_404(api: ApiServer) -> None:
 def test_body_too_large_is_413(api: ApiServer, model_id: str) -> None:
     big = _chat(model=model_id, messages=[{"role": "user", "content": "x" * MAX_BYTES}])
     response = api.post("/v1/chat/completions", big)
-    assert response.status_code == 413 and _error(response)["code"] == "request_too_large"
+    assert response.status_code == 413 and error_body(response)["code"] == "request_too_large"
     # Without Content-Length (chunked upload) the limit holds as the body arrives.
     data = json.dumps(big).encode()
     chunks = (data[i:i + 1000] for i in range(0, len(data), 1000))
     response = httpx.post(f"{api.url}/v1/chat/completions", content=chunks, headers=AUTH)
-    assert response.status_code == 413 and _error(response)["code"] == "request_too_large"
+    assert response.status_code == 413 and error_body(response)["code"] == "request_too_large"
     assert not _files(api, "incoming")
 
 
@@ -217,18 +152,18 @@ def test_body_too_large_is_413(api: ApiServer, model_id: str) -> None:
 def test_invalid_fields_are_400_with_param(api: ApiServer, model_id: str, patch: dict, param: str) -> None:
     response = api.post("/v1/chat/completions", _chat(model=model_id) | patch)
     assert response.status_code == 400, response.text
-    error = _error(response)
+    error = error_body(response)
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
 
 
 def test_invalid_json_and_missing_prompt_are_400(api: ApiServer, model_id: str) -> None:
     response = httpx.post(f"{api.url}/v1/chat/completions", content=b"{oops",
                           headers=AUTH | {"Content-Type": "application/json"})
-    assert response.status_code == 400 and "JSON" in _error(response)["message"]
+    assert response.status_code == 400 and "JSON" in error_body(response)["message"]
     response = api.post("/v1/completions", {"model": model_id})
-    assert response.status_code == 400 and _error(response)["param"] == "prompt"
+    assert response.status_code == 400 and error_body(response)["param"] == "prompt"
     response = api.post("/v1/completions", {"model": model_id, "prompt": ""})
-    assert response.status_code == 400 and _error(response)["param"] == "prompt"
+    assert response.status_code == 400 and error_body(response)["param"] == "prompt"
 
 
 def test_context_length_exceeded(api: ApiServer, model_id: str) -> None:
@@ -240,17 +175,17 @@ def test_context_length_exceeded(api: ApiServer, model_id: str) -> None:
     assert f"{MAX_SEQ} in the completion" in err.value.message
     # A prompt that fills the context on its own fails even with the default max_tokens.
     response = api.post("/v1/completions", {"model": model_id, "prompt": "1 2 3 4 5 6 7 8 9 " * 60})
-    assert response.status_code == 400 and _error(response)["code"] == "context_length_exceeded"
+    assert response.status_code == 400 and error_body(response)["code"] == "context_length_exceeded"
     assert not _files(api, "incoming")
 
 
 def test_ring_down_is_503_and_queues_nothing(api: ApiServer, model_id: str) -> None:
     response = api.post("/v1/chat/completions", _chat(model=model_id))
-    assert response.status_code == 503 and "no heartbeat" in _error(response)["message"]
+    assert response.status_code == 503 and "no heartbeat" in error_body(response)["message"]
     api.spool.write_heartbeat({"state": "ready", "time": time.time() - 60})  # older than RING_DOWN_AFTER
     response = api.post("/v1/chat/completions", _chat(model=model_id, stream=True))
-    assert response.status_code == 503 and "60" in _error(response)["message"]
-    assert _error(response)["type"] == "server_error"
+    assert response.status_code == 503 and "60" in error_body(response)["message"]
+    assert error_body(response)["type"] == "server_error"
     assert not _files(api, "incoming")
 
 
@@ -279,12 +214,12 @@ def test_health(api: ApiServer) -> None:
 
 
 def test_timeout_is_504_and_cancels(tiny_model: Path, tmp_path: Path) -> None:
-    with ApiServer(_settings(tiny_model, tmp_path / "spool", request_timeout=0.5)) as api:
+    with ApiServer(api_settings_for(tiny_model, tmp_path / "spool", request_timeout=0.5)) as api:
         api.spool.write_heartbeat({"state": "ready"})  # alive, but nobody claims
         for stream in (False, True):
             started = time.monotonic()
             response = api.post("/v1/chat/completions", _chat(model=str(tiny_model), stream=stream))
-            assert response.status_code == 504 and _error(response)["code"] == "timeout"
+            assert response.status_code == 504 and error_body(response)["code"] == "timeout"
             assert 0.5 <= time.monotonic() - started < 3
         assert len(_files(api, "cancel")) == 2
         assert api.spool.queue_depth() == 0  # withdrawn, so a ring coming back skips them
@@ -295,75 +230,13 @@ def test_client_disconnect_while_queued_cancels(api: ApiServer, model_id: str) -
     for stream in (False, True):
         with pytest.raises(httpx.ReadTimeout):
             api.post("/v1/chat/completions", _chat(model=model_id, stream=stream), timeout=0.3)
-    assert _wait_for(lambda: len(_files(api, "cancel")) == 2, timeout=3)
+    assert wait_for(lambda: len(_files(api, "cancel")) == 2, timeout=3)
     assert api.spool.queue_depth() == 0
 
 
 # ---------------------------------------------------------------------------
 # Against the real rank 0: server.py in serve mode
 # ---------------------------------------------------------------------------
-
-
-
-class RankProcess:
-    """`python server.py` in serve mode (one rank, or `ranks` under MPI); can be killed
-    and started again."""
-
-    def __init__(self, model: Path, spool_dir: Path, ranks: int = 1, **settings: str) -> None:
-        self.spool = Spool(spool_dir)
-        self.log_path = spool_dir.parent / "server.log"
-        self.env = rank_env({"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir), "BACKEND": "mpi",
-                             "MAX_SEQUENCE_LENGTH": str(RING_MAX_SEQ), **settings})
-        self.command = launch_command(ranks, "mpi", [])
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        """Start it and wait for a heartbeat saying ready written by this run."""
-        started = time.time()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, cwd=REPO_DIR, env=self.env, stdout=log, stderr=log)
-
-        def ready() -> bool:
-            beat = self.spool.read_heartbeat() or {}
-            return (beat.get("state") == "ready" and beat["time"] >= started) or self.proc.poll() is not None
-
-        assert _wait_for(ready, timeout=180) and self.proc.poll() is None, \
-            f"server.py did not get ready:\n{self.log_path.read_text()[-3000:]}"
-
-    def stop(self, kill: bool = False) -> None:
-        self.proc.kill() if kill else self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _ring_settings(model: Path, spool_dir: Path, **overrides) -> Settings:
-    return _settings(model, spool_dir, **{"request_timeout": 120.0, "max_sequence_length": RING_MAX_SEQ}
-                     | overrides)
-
-
-@contextmanager
-def ring_and_api(model: Path, spool_dir: Path, ranks: int = 1, api_settings: dict | None = None,
-                 **settings: str) -> Iterator[tuple[ApiServer, RankProcess]]:
-    """Serving ranks (`settings` are theirs) and the API (with `api_settings`) on one
-    spool, both on `model`."""
-    rank = RankProcess(model, spool_dir, ranks=ranks, **settings)
-    with ApiServer(_ring_settings(model, spool_dir, **(api_settings or {}))) as api:
-        rank.start()
-        try:
-            yield api, rank
-        finally:
-            rank.stop()
-
-
-@contextmanager
-def tiny_api(model: Path, tmp_path_factory: pytest.TempPathFactory, **api_settings) -> Iterator[ApiServer]:
-    """One rank on `model` and the API serving it under the name "tiny", on a fresh spool."""
-    spool_dir = tmp_path_factory.mktemp("ring") / "spool"
-    with ring_and_api(model, spool_dir, api_settings={"served_model_name": "tiny", **api_settings}) as (server, _):
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -378,68 +251,15 @@ def ring(real_ring: tuple[ApiServer, RankProcess]) -> ApiServer:
     return real_ring[0]
 
 
-@dataclass
-class Reference:
-    """Greedy decoding in one process with plain mlx-lm."""
-
-    token_ids: list[int]  # without the EOS token
-    segments: list[str]  # the text mlx-lm's streaming detokenizer gives at each step
-    finish_reason: str
-
-    @property
-    def text(self) -> str:
-        return "".join(self.segments)
-
-
-@lru_cache(maxsize=2)
-def _load(model_dir: Path):
-    return mlx_lm.load(str(model_dir))
-
-
-def _mlx_lm_greedy(model_dir: Path, prompt: list[int] | list[dict], max_tokens: int) -> Reference:
-    """`prompt` is token ids, or chat messages put through the chat template."""
-    return _greedy(model_dir, json.dumps(prompt), max_tokens)
-
-
-@lru_cache(maxsize=16)
-def _greedy(model_dir: Path, prompt_json: str, max_tokens: int) -> Reference:
-    prompt = json.loads(prompt_json)
-    model, tokenizer = _load(model_dir)
-    if isinstance(prompt[0], dict):
-        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    token_ids, segments, finish = [], [], None
-    for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                           sampler=make_sampler(0.0)):
-        if response.token not in tokenizer.eos_token_ids:
-            token_ids.append(response.token)
-        segments.append(response.text)
-        finish = response.finish_reason
-    return Reference(token_ids, segments, finish)
-
-
-def _spooled_request(api: ApiServer, request_id: str) -> SpoolRequest:
-    """The request as the API queued it, from the spool file rank 0 finished."""
-    done = api.settings.spool_dir / "done" / f"{request_id}.json"
-    assert _wait_for(done.exists), f"request {request_id} not in done/"
-    return SpoolRequest.model_validate_json(done.read_bytes())
-
-
 def _events(api: ApiServer, request_id: str) -> list[Event]:
     return api.spool.read_events(request_id)[0]
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_chat_non_streaming(ring: ApiServer, tiny_model: Path) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     tokenizer = mlx_lm.utils.load_tokenizer(tiny_model)
     prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    reference = _mlx_lm_greedy(tiny_model, prompt, 8)
+    reference = mlx_lm_greedy(tiny_model, prompt, 8)
     # A stop string the greedy output reaches with its sixth token, and not before.
     stop, before = reference.segments[5], "".join(reference.segments[:5])
     assert stop and reference.text.find(stop) == len(before), reference.segments
@@ -451,7 +271,7 @@ def test_chat_non_streaming(ring: ApiServer, tiny_model: Path) -> None:
     assert reply.choices[0].message.content == before
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 6
-    sent = _spooled_request(ring, reply.id.removeprefix("chatcmpl-"))
+    sent = spooled_request(ring, reply.id.removeprefix("chatcmpl-"))
     sampling = SamplingParams(temperature=0.0, seed=7)
     assert sent == SpoolRequest(kind="chat", model=model, prompt_tokens=prompt, max_tokens=8, sampling=sampling,
                                 stop=[stop], created=sent.created)
@@ -459,7 +279,7 @@ def test_chat_non_streaming(ring: ApiServer, tiny_model: Path) -> None:
 
 def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
     body = _chat(model=str(tiny_model), stream=True, stream_options={"include_usage": True}, temperature=0)
-    reference = _mlx_lm_greedy(tiny_model, body["messages"], 16)  # DEFAULT_MAX_TOKENS
+    reference = mlx_lm_greedy(tiny_model, body["messages"], 16)  # DEFAULT_MAX_TOKENS
     with httpx.stream("POST", f"{ring.url}/v1/chat/completions", headers=AUTH, timeout=60, json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -477,7 +297,7 @@ def test_chat_streaming_with_usage(ring: ApiServer, tiny_model: Path) -> None:
                                         "logprobs": None}
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == len(reference.token_ids)
-    assert _spooled_request(ring, request_id).max_tokens == 16  # DEFAULT_MAX_TOKENS
+    assert spooled_request(ring, request_id).max_tokens == 16  # DEFAULT_MAX_TOKENS
 
 
 def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path: Path) -> None:
@@ -485,7 +305,7 @@ def test_stream_opens_once_rank_0_starts_the_request(tiny_model: Path, tmp_path:
     first token: with rank 1 of a 2-rank ring stopped no token can come, and yet the stream
     is open. Once rank 1 goes on, the output equals mlx-lm's."""
     messages = [{"role": "user", "content": "hi"}]
-    reference = _mlx_lm_greedy(tiny_model, messages, 8)
+    reference = mlx_lm_greedy(tiny_model, messages, 8)
     body = {"model": str(tiny_model), "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
     with ring_and_api(tiny_model, tmp_path / "spool", ranks=2) as (api, rank):
         follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
@@ -513,7 +333,7 @@ def test_waiting_on_a_stalled_ring_is_bounded(tiny_model: Path, tmp_path: Path) 
     event in OpenAI's envelope; a non-streaming request gets a 503. Both are cancelled."""
     ring_down_after = KEEPALIVE_EVERY + 3
     rank = RankProcess(tiny_model, tmp_path / "spool", ranks=2)
-    settings = _ring_settings(tiny_model, tmp_path / "spool", ring_down_after=ring_down_after)
+    settings = ring_settings_for(tiny_model, tmp_path / "spool", ring_down_after=ring_down_after)
     body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0}
     with ApiServer(settings) as api:
         rank.start()
@@ -532,7 +352,7 @@ def test_waiting_on_a_stalled_ring_is_bounded(tiny_model: Path, tmp_path: Path) 
             assert error["code"] == "ring_unavailable" and "RING_DOWN_AFTER" in error["message"], error
             assert took < ring_down_after + 2 * HEARTBEAT_CHECK + 1, took
             refused = waiting.result()
-            assert refused.status_code == 503 and _error(refused)["code"] == "ring_unavailable"
+            assert refused.status_code == 503 and error_body(refused)["code"] == "ring_unavailable"
             assert len(_files(api, "cancel")) == 2
         finally:
             os.kill(follower, signal.SIGCONT)
@@ -545,14 +365,14 @@ def test_an_idle_rank_0_reports_a_dead_follower_itself(tiny_model: Path, tmp_pat
     with ring_and_api(tiny_model, tmp_path / "spool", ranks=2) as (api, rank):
         follower = next(r["pid"] for r in rank.spool.read_heartbeat()["ranks"] if r["rank"] == 1)
         os.kill(follower, signal.SIGKILL)
-        assert _wait_for(lambda: httpx.get(f"{api.url}/health").status_code == 503, timeout=10)
+        assert wait_for(lambda: httpx.get(f"{api.url}/health").status_code == 503, timeout=10)
         health = httpx.get(f"{api.url}/health").json()
         assert "ring broken: rank 1 is gone" in health["reason"], health
 
 
 def test_openai_client_streaming(ring: ApiServer, tiny_model: Path) -> None:
     messages = [{"role": "user", "content": "hi"}]
-    reference = _mlx_lm_greedy(tiny_model, messages, 16)
+    reference = mlx_lm_greedy(tiny_model, messages, 16)
     stream = ring.client().chat.completions.create(model=str(tiny_model), messages=messages, temperature=0,
                                                    stream=True)
     chunks = list(stream)
@@ -564,12 +384,12 @@ def test_openai_client_streaming(ring: ApiServer, tiny_model: Path) -> None:
 def test_completions(ring: ApiServer, tiny_model: Path) -> None:
     client, model = ring.client(), str(tiny_model)
     prompt = mlx_lm.utils.load_tokenizer(tiny_model).encode("Once upon a time")
-    reference = _mlx_lm_greedy(tiny_model, prompt, 5)
+    reference = mlx_lm_greedy(tiny_model, prompt, 5)
     reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text == reference.text
     assert reply.choices[0].finish_reason == reference.finish_reason
     assert reply.usage.completion_tokens == len(reference.token_ids)
-    sent = _spooled_request(ring, reply.id.removeprefix("cmpl-"))
+    sent = spooled_request(ring, reply.id.removeprefix("cmpl-"))
     assert sent.prompt_tokens == prompt and sent.kind == "completion" and sent.max_tokens == 5
     chunks = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
@@ -580,7 +400,7 @@ def test_completions(ring: ApiServer, tiny_model: Path) -> None:
 
 def test_real_ring_greedy_matches_mlx_lm(ring: ApiServer, tiny_model: Path) -> None:
     messages = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
-    reference = _mlx_lm_greedy(tiny_model, messages, max_tokens=12)
+    reference = mlx_lm_greedy(tiny_model, messages, max_tokens=12)
     client = ring.client()
     model = str(tiny_model)
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
@@ -608,8 +428,8 @@ def test_readers_without_inotify(real_ring: tuple[ApiServer, RankProcess], tiny_
     watch = (lambda self: None) if watcher == "polling" else (lambda self: watchfiles_watch(self.root / "streams", True))
     monkeypatch.setattr(Spool, "watch_streams", watch)
     messages = [{"role": "user", "content": "hi"}]
-    reference = _mlx_lm_greedy(tiny_model, messages, 16)
-    with ApiServer(_ring_settings(tiny_model, real_ring[0].settings.spool_dir)) as api:
+    reference = mlx_lm_greedy(tiny_model, messages, 16)
+    with ApiServer(ring_settings_for(tiny_model, real_ring[0].settings.spool_dir)) as api:
         chunks = list(api.client().chat.completions.create(model=str(tiny_model), messages=messages,
                                                            temperature=0, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference.text
@@ -624,8 +444,8 @@ def _long_stream(api: ApiServer, model: Path):
 
 def _finished_cancelled(api: ApiServer, request_id: str) -> Final:
     """The final event rank 0 wrote for a request it stopped because of a cancel marker."""
-    assert _wait_for(lambda: api.spool.is_cancelled(request_id), timeout=5), "no cancel marker"
-    assert _wait_for(lambda: (api.settings.spool_dir / "done" / f"{request_id}.json").exists(), timeout=10), \
+    assert wait_for(lambda: api.spool.is_cancelled(request_id), timeout=5), "no cancel marker"
+    assert wait_for(lambda: (api.settings.spool_dir / "done" / f"{request_id}.json").exists(), timeout=10), \
         "rank 0 did not stop the request"
     final = _events(api, request_id)[-1]
     assert isinstance(final, Final) and final.finish_reason == "cancelled", final
@@ -660,17 +480,17 @@ def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
                  "mlx_ring_active_sequences"):
         assert name in text, name
     assert 'mlx_ring_http_requests_total{path="/v1/chat/completions",status="200"}' in text
-    assert _metric(text, "mlx_ring_queue_depth") == 0
+    assert metric_value(text, "mlx_ring_queue_depth") == 0
     deltas = [e for e in _events(ring, reply.id.removeprefix("chatcmpl-")) if isinstance(e, Delta)]
     assert len(deltas) >= 2
     for name, grew in (("mlx_ring_completion_tokens_total", reply.usage.completion_tokens),
                        ("mlx_ring_prompt_tokens_total", reply.usage.prompt_tokens),
                        ("mlx_ring_time_to_first_token_seconds_count", 1),
                        ("mlx_ring_inter_token_latency_seconds_count", len(deltas) - 1)):
-        assert _metric(text, name) - _metric(before, name) == grew, name
+        assert metric_value(text, name) - metric_value(before, name) == grew, name
 
     def active() -> float:
-        return _metric(httpx.get(f"{ring.url}/metrics").text, "mlx_ring_active_sequences")
+        return metric_value(httpx.get(f"{ring.url}/metrics").text, "mlx_ring_active_sequences")
 
     # The gauge follows rank 0's heartbeat: one sequence while it generates, none after.
     with _long_stream(ring, tiny_model) as response:
@@ -678,9 +498,9 @@ def test_metrics_text(ring: ApiServer, tiny_model: Path) -> None:
         lines = response.iter_lines()  # kept open: a closed iterator closes the connection
         first = next(json.loads(line[6:]) for line in lines if line.startswith("data: {"))
         request_id = first["id"].removeprefix("chatcmpl-")
-        assert _wait_for(lambda: active() == 1, timeout=10)
+        assert wait_for(lambda: active() == 1, timeout=10)
     _finished_cancelled(ring, request_id)
-    assert _wait_for(lambda: active() == 0, timeout=10)
+    assert wait_for(lambda: active() == 0, timeout=10)
 
 
 def test_client_disconnect_mid_stream_cancels(ring: ApiServer, tiny_model: Path) -> None:
@@ -695,7 +515,7 @@ def test_client_disconnect_mid_stream_cancels(ring: ApiServer, tiny_model: Path)
     # The ring is free again: the next request is served, and right.
     messages = [{"role": "user", "content": "hi"}]
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
-    assert reply.choices[0].message.content == _mlx_lm_greedy(tiny_model, messages, 8).text
+    assert reply.choices[0].message.content == mlx_lm_greedy(tiny_model, messages, 8).text
 
 
 def test_stopping_the_api_cancels_its_open_streams(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path,
@@ -718,7 +538,7 @@ def test_stopping_the_api_cancels_its_open_streams(real_ring: tuple[ApiServer, R
                 return httpx.get(f"{url}/health").status_code == 200
             except httpx.TransportError:
                 return proc.poll() is not None
-        assert _wait_for(healthy, timeout=60) and proc.poll() is None, (tmp_path / "api.log").read_text()
+        assert wait_for(healthy, timeout=60) and proc.poll() is None, (tmp_path / "api.log").read_text()
         body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": LONG_TOKENS, "temperature": 0,
                 "stream": True}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
@@ -738,7 +558,7 @@ def test_stopping_the_api_cancels_its_open_streams(real_ring: tuple[ApiServer, R
 def test_timeout_mid_stream_is_an_sse_error(real_ring: tuple[ApiServer, RankProcess], tiny_model: Path) -> None:
     """Output has begun, so the 504 comes as an error event in OpenAI's envelope."""
     spool_dir = real_ring[0].settings.spool_dir
-    with ApiServer(_ring_settings(tiny_model, spool_dir, request_timeout=1.5)) as api:
+    with ApiServer(ring_settings_for(tiny_model, spool_dir, request_timeout=1.5)) as api:
         stream = api.client().chat.completions.create(model=str(tiny_model), messages=LONG_MESSAGES,
                                                       max_tokens=LONG_TOKENS, temperature=0, stream=True)
         chunks = []
@@ -759,7 +579,7 @@ def test_rank_refusal_keeps_its_status(tiny_model: Path, tmp_path: Path) -> None
             response = api.post("/v1/chat/completions",
                                 _chat(model=str(tiny_model), stream=stream, max_tokens=1000), timeout=60)
             assert response.status_code == 400, response.text
-            error = _error(response)
+            error = error_body(response)
             assert error["code"] == "kv_cache_exceeded" and error["type"] == "invalid_request_error"
             assert error["param"] is None and "KV_CACHE_RESERVED_MEMORY_MB is" in error["message"]
         with pytest.raises(openai.BadRequestError) as err:
@@ -777,7 +597,7 @@ def test_real_ring_restart_mid_stream_loses_nothing(real_ring: tuple[ApiServer, 
     api, rank = real_ring
     messages = [{"role": "user", "content": "Write a long story about the harbour."}]
     max_tokens = MAX_SEQ - 40
-    expected = _mlx_lm_greedy(tiny_model, messages, max_tokens).text
+    expected = mlx_lm_greedy(tiny_model, messages, max_tokens).text
     body = {"model": str(tiny_model), "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
     texts: list[str] = []
@@ -802,7 +622,7 @@ def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServ
     api, rank = real_ring
     messages = [{"role": "user", "content": "Write a long story about the harbour."}]
     max_tokens = MAX_SEQ - 40
-    reference = _mlx_lm_greedy(tiny_model, messages, max_tokens)
+    reference = mlx_lm_greedy(tiny_model, messages, max_tokens)
     replies: list = []
     client = api.client(timeout=120)
     thread = threading.Thread(target=lambda: replies.append(client.chat.completions.create(
@@ -814,7 +634,7 @@ def test_real_ring_restart_before_a_non_streaming_reply(real_ring: tuple[ApiServ
         return any(sum(isinstance(e, Delta) for e in _events(api, path.stem)) >= 2 for path in claimed.iterdir())
 
     try:
-        assert _wait_for(generating, timeout=30)
+        assert wait_for(generating, timeout=30)
         rank.stop(kill=True)
         rank.start()
     finally:
@@ -860,7 +680,7 @@ def test_a_request_that_fails_on_rank_0_fails_alone(real_ring: tuple[ApiServer, 
     written straight into the spool) is refused by rank 0 before it reaches the ring,
     while a stream under way completes and the ring stays healthy."""
     api, _ = real_ring
-    expected = _mlx_lm_greedy(tiny_model, LONG_MESSAGES, 60).text
+    expected = mlx_lm_greedy(tiny_model, LONG_MESSAGES, 60).text
     body = {"model": str(tiny_model), "messages": LONG_MESSAGES, "max_tokens": 60, "temperature": 0, "stream": True}
     texts = []
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
@@ -872,7 +692,7 @@ def test_a_request_that_fails_on_rank_0_fails_alone(real_ring: tuple[ApiServer, 
                         kind="completion", model=str(tiny_model), prompt_tokens=[5, 6], max_tokens=4,
                         sampling=SamplingParams(top_k=VOCAB_SIZE), created=0))
     assert "".join(texts) == expected
-    assert _wait_for(lambda: (api.settings.spool_dir / "done" / f"{poison}.json").exists(), timeout=30)
+    assert wait_for(lambda: (api.settings.spool_dir / "done" / f"{poison}.json").exists(), timeout=30)
     failed = _events(api, poison)[-1]
     assert failed.type == "error" and failed.code == "invalid_sampling" and failed.status == 400, failed
     assert httpx.get(f"{api.url}/health").status_code == 200

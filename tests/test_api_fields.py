@@ -14,7 +14,7 @@ import pytest
 from conftest import reference_tokens
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import load_tokenizer
-from test_api import AUTH, ApiServer, RankProcess, _error, _ring_settings, _spooled_request, ring_and_api
+from harness import AUTH, ApiServer, RankProcess, error_body, ring_settings_for, spooled_request, ring_and_api
 
 from models.tiny import make_tiny_model
 from spool.protocol import SamplingParams
@@ -56,7 +56,7 @@ def test_unknown_fields_are_refused_naming_them(api: ApiServer, field: dict) -> 
     name = next(k for k in field if k != "presence_penalty")
     response = api.post("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, **field})
     assert response.status_code == 400, response.text
-    error = _error(response)
+    error = error_body(response)
     assert error["param"] in (name, f"{name}.x") and "not permitted" in error["message"], error
 
 
@@ -70,7 +70,7 @@ def test_fields_that_cannot_change_the_output_are_accepted(api: ApiServer) -> No
 def test_defaults_come_from_generation_config(api: ApiServer, model: Path) -> None:
     """No temperature in the request: the model's do_sample=false makes it greedy."""
     reply = api.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8)
-    assert _spooled_request(api, reply.id.removeprefix("chatcmpl-")).sampling == \
+    assert spooled_request(api, reply.id.removeprefix("chatcmpl-")).sampling == \
         SamplingParams(temperature=0.0, top_p=0.9)
     expected = load_tokenizer(model).decode(reference_tokens(model, _prompt(model), 8))
     assert reply.choices[0].message.content == expected
@@ -78,9 +78,9 @@ def test_defaults_come_from_generation_config(api: ApiServer, model: Path) -> No
 
 def test_settings_override_generation_config(served: tuple[ApiServer, RankProcess], model: Path) -> None:
     spool_dir = served[0].settings.spool_dir
-    with ApiServer(_ring_settings(model, spool_dir, default_temperature=0.3, default_top_k=5)) as api:
+    with ApiServer(ring_settings_for(model, spool_dir, default_temperature=0.3, default_top_k=5)) as api:
         reply = api.client().chat.completions.create(model=str(model), messages=MESSAGES, max_tokens=2, top_p=0.5)
-        sent = _spooled_request(api, reply.id.removeprefix("chatcmpl-"))
+        sent = spooled_request(api, reply.id.removeprefix("chatcmpl-"))
     # Sampling without a seed gets one drawn by the server, kept for a resume after a restart.
     assert sent.sampling.seed is not None
     assert sent.sampling.model_copy(update={"seed": None}) == SamplingParams(temperature=0.3, top_p=0.5, top_k=5)
@@ -120,7 +120,7 @@ def test_served_model_name_aliases(api: ApiServer) -> None:
     assert [m.id for m in client.models.list().data] == ALIASES.split(",")
     reply = client.chat.completions.create(model="tiny-alias", messages=MESSAGES, max_tokens=2)
     assert reply.model == "tiny-alias"
-    assert _spooled_request(api, reply.id.removeprefix("chatcmpl-")).model == "tiny"
+    assert spooled_request(api, reply.id.removeprefix("chatcmpl-")).model == "tiny"
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="other", messages=MESSAGES, max_tokens=2)
     assert "'tiny', 'tiny-alias'" in err.value.body["message"]

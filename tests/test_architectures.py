@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from conftest import PROMPT, generate_json, reference_tokens, run_ranks
-from test_api import _wait_for, ring_and_api
+from harness import wait_for, ring_and_api
 from test_batching import _chat, _expected, _heartbeat, _text
 
 from models.tiny import make_tiny_model
@@ -90,7 +90,7 @@ def _serve(path: Path, tmp_path: Path) -> None:
         log = rank.log_path.read_text()
         # Sequences share batches where the model's caches merge (the log says why not).
         together_at_most = 1 if "batching off" in log else 2
-        assert _wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= together_at_most, timeout=5)
+        assert wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= together_at_most, timeout=5)
     for (content, max_tokens), reply in zip(CHATS, together):
         assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == _expected(path, content, max_tokens)
     assert alone["text"] == again["text"] == together[0]["text"]

@@ -15,8 +15,9 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from test_api import AUTH, ApiServer, RankProcess, _metric, _mlx_lm_greedy, _ring_settings, _settings, \
-    ring_and_api
+from harness import (
+    AUTH, ApiServer, RankProcess, api_settings_for, metric_value, mlx_lm_greedy, ring_and_api, ring_settings_for,
+)
 
 from conftest import rank_env
 from config import REPO_DIR
@@ -97,7 +98,7 @@ def test_spool_claims_interactive_requests_before_batch_lines(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def front(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    settings = _settings(tiny_model, tmp_path_factory.mktemp("front") / "spool", max_batch_file_mb=1)
+    settings = api_settings_for(tiny_model, tmp_path_factory.mktemp("front") / "spool", max_batch_file_mb=1)
     with ApiServer(settings) as server:
         yield server
 
@@ -217,7 +218,7 @@ def ring(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def reference_text(model: Path, question: str, max_tokens: int) -> str:
-    return _mlx_lm_greedy(model, [{"role": "user", "content": question}], max_tokens).text
+    return mlx_lm_greedy(model, [{"role": "user", "content": question}], max_tokens).text
 
 
 def check_answers(output: list[dict], model: Path, questions: dict[str, str], max_tokens: int) -> None:
@@ -252,8 +253,8 @@ def test_a_200_line_batch_completes_beside_a_completions_batch(ring: ApiServer, 
         completion_window="24h")
     running = wait_batch(client, chat.id, lambda b: b.request_counts.completed >= 10)
     metrics = httpx.get(f"{ring.url}/metrics").text
-    assert _metric(metrics, f'mlx_ring_batch_lines{{batch="{chat.id}",state="total"}}') == 200
-    assert _metric(metrics, f'mlx_ring_batch_lines{{batch="{chat.id}",state="completed"}}') >= 10
+    assert metric_value(metrics, f'mlx_ring_batch_lines{{batch="{chat.id}",state="total"}}') == 200
+    assert metric_value(metrics, f'mlx_ring_batch_lines{{batch="{chat.id}",state="completed"}}') >= 10
     assert running.status == "in_progress" and running.in_progress_at >= running.created_at
 
     chat = wait_batch(client, chat.id, ended)
@@ -335,7 +336,7 @@ def test_ring_and_api_restarts_mid_batch_answer_every_line_once(tiny_model: Path
     answered once, as single-process mlx-lm answers it, resumed lines included."""
     spool_dir = tmp_path / "spool"
     rank = RankProcess(tiny_model, spool_dir, BATCH_MAX_ACTIVE=str(BATCH_MAX_ACTIVE))
-    settings = _ring_settings(tiny_model, spool_dir, batch_max_active=BATCH_MAX_ACTIVE)
+    settings = ring_settings_for(tiny_model, spool_dir, batch_max_active=BATCH_MAX_ACTIVE)
     api = ApiServer(settings).__enter__()
     questions = {f"r-{i}": QUESTIONS[i % len(QUESTIONS)] for i in range(120)}
     try:

@@ -22,7 +22,7 @@ import pytest
 from conftest import reference_tokens
 
 from distributed.kv_cache import KVSettings, StageCache
-from test_api import ApiServer, _metric, _wait_for, ring_and_api
+from harness import ApiServer, metric_value, wait_for, ring_and_api
 from models.tiny import make_tiny_model
 
 PREFILL_STEP = 16  # several prefill chunks per prompt, interleaved with other sequences' steps
@@ -112,7 +112,7 @@ def _check_joining(api: ApiServer, model: Path) -> None:
     for (content, max_tokens, _), reply in zip(JOINING, replies):
         expected = _expected(model, content, max_tokens)
         assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == expected, content
-    assert _wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= 3)  # they ran together (a heartbeat a second)
+    assert wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= 3)  # they ran together (a heartbeat a second)
 
 
 def test_sequences_joining_at_different_times_match_alone(serving, model: Path) -> None:
@@ -150,7 +150,7 @@ def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: st
         rank.stop()
         with ThreadPoolExecutor(len(TOGETHER)) as pool:
             futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], 30) for c in TOGETHER]
-            assert _wait_for(lambda: api.spool.queue_depth() == len(TOGETHER), timeout=30)
+            assert wait_for(lambda: api.spool.queue_depth() == len(TOGETHER), timeout=30)
             rank.start()
             replies = [f.result() for f in futures]
             # Again, now from their cached prefixes (of different lengths) where there is a prompt cache.
@@ -162,7 +162,7 @@ def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: st
         assert {"text": second["text"], "finish_reason": second["finish_reason"]} == expected, content
     assert f"prefilling {len(TOGETHER)} prompts together" in rank.log_path.read_text()
     if arch == "llama":  # gemma3's window caches cannot be cut back to a prefix: no prompt cache
-        assert _metric(metrics, "mlx_ring_prompt_cache_hits_total") >= len(TOGETHER)
+        assert metric_value(metrics, "mlx_ring_prompt_cache_hits_total") >= len(TOGETHER)
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(serving, model: Path) -> None:
@@ -205,12 +205,12 @@ def test_prompt_cache_hit_equals_miss(serving, model: Path) -> None:
 
     def grew(name: str) -> float:
         name = "mlx_ring_prompt_cache_" + name
-        return _metric(after, name) - _metric(before, name)
+        return metric_value(after, name) - metric_value(before, name)
 
     assert grew("hits_total") == sum(c > 0 for c in cached)
     assert grew("misses_total") == sum(c == 0 for c in cached)
     assert grew("reused_tokens_total") == sum(cached)
-    assert _metric(after, "mlx_ring_prompt_cache_tokens") > 0
+    assert metric_value(after, "mlx_ring_prompt_cache_tokens") > 0
 
 
 def test_burst_of_32_stays_within_the_kv_bound(serving, model: Path) -> None:
@@ -226,7 +226,7 @@ def test_burst_of_32_stays_within_the_kv_bound(serving, model: Path) -> None:
     assert beat["kv_capacity_bytes"] == KV_BUDGET_MB * 2**20
     assert max(r["kv_footprint"]["per_token"] for r in beat["ranks"]) == _per_token(model, ranks)
     assert 2 <= beat["peak_active"] <= bound
-    assert _wait_for(lambda: _heartbeat(api)["active"] == 0 and _heartbeat(api)["kv_reserved_bytes"] == 0)
+    assert wait_for(lambda: _heartbeat(api)["active"] == 0 and _heartbeat(api)["kv_reserved_bytes"] == 0)
     assert not list((api.settings.spool_dir / "incoming").iterdir())
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from test_api import AUTH, ApiServer, RankProcess, _error, _settings, _wait_for, ring_and_api
+from harness import AUTH, ApiServer, RankProcess, error_body, api_settings_for, wait_for, ring_and_api
 
 from distributed.serving_stats import BUCKET_S, BUCKETS, ServingStats
 from http_api.cluster_view import ClusterStatus
@@ -72,17 +72,17 @@ def test_serving_stats() -> None:
 
 
 def test_without_a_ring(model: Path, tmp_path: Path) -> None:
-    with ApiServer(_settings(model, tmp_path / "spool")) as api:
+    with ApiServer(api_settings_for(model, tmp_path / "spool")) as api:
         assert httpx.get(f"{api.url}/v1/cluster").status_code == 401  # the key is needed on /v1/
         assert httpx.post(f"{api.url}/v1/cluster/reset_prefix_cache").status_code == 401
         status = _cluster(api)
         assert status.status == "unavailable" and status.reason == "no heartbeat from rank 0"
         assert status.ranks == [] and status.load.active == 0 and status.settings["api_key_required"] is True
         response = api.post("/v1/cluster/reset_prefix_cache", {})
-        assert response.status_code == 503 and _error(response)["code"] == "ring_unavailable"
+        assert response.status_code == 503 and error_body(response)["code"] == "ring_unavailable"
         assert not list((tmp_path / "spool" / "control").iterdir())  # nothing queued
         response = api.post("/v1/cluster/reset_prefix_cache", {"everything": True})
-        assert response.status_code == 400 and _error(response)["param"] == "everything"
+        assert response.status_code == 400 and error_body(response)["param"] == "everything"
 
 
 def test_cluster_shape(served: tuple[ApiServer, RankProcess]) -> None:
@@ -109,7 +109,7 @@ def test_figures_follow_the_requests(served: tuple[ApiServer, RankProcess]) -> N
     api, _ = served
     before = _cluster(api).load
     prompt_tokens, _ = _cached_tokens(api)
-    assert _wait_for(lambda: _cluster(api).load.generated_tokens >= before.generated_tokens + 8, timeout=5)
+    assert wait_for(lambda: _cluster(api).load.generated_tokens >= before.generated_tokens + 8, timeout=5)
     after = _cluster(api).load
     assert after.ttft_p50_s is not None and after.ttft_p50_s > 0
     lookups = after.prompt_cache_hits + after.prompt_cache_misses
@@ -117,7 +117,7 @@ def test_figures_follow_the_requests(served: tuple[ApiServer, RankProcess]) -> N
     assert after.prompt_cache_tokens >= prompt_tokens  # what the request left behind
     # Its tokens show in the throughput of one of the last buckets, once that bucket is over.
     bucket = after.throughput.bucket_s
-    assert _wait_for(lambda: sum(_cluster(api).load.throughput.tokens_per_s) * bucket >= 8, timeout=bucket + 3)
+    assert wait_for(lambda: sum(_cluster(api).load.throughput.tokens_per_s) * bucket >= 8, timeout=bucket + 3)
 
 
 def test_cluster_events_stream(served: tuple[ApiServer, RankProcess]) -> None:
@@ -149,7 +149,7 @@ def test_reset_prefix_cache_makes_the_next_prompt_a_miss(served: tuple[ApiServer
     done = response.json()
     assert done["action"] == "reset_prefix_cache" and done["dropped_entries"] >= 1
     assert done["dropped_tokens"] >= prompt_tokens - 1
-    assert _wait_for(lambda: _cluster(api).load.prompt_cache_tokens == 0, timeout=5)
+    assert wait_for(lambda: _cluster(api).load.prompt_cache_tokens == 0, timeout=5)
     _, cached = _cached_tokens(api)
     assert cached == 0
     _, cached = _cached_tokens(api)
@@ -180,6 +180,6 @@ def test_supervisor_and_restarts(served: tuple[ApiServer, RankProcess]) -> None:
         status = _cluster(api)
         assert status.status == "unavailable" and "gave up: RESTART_LIMIT reached" in status.reason
         response = api.post("/v1/cluster/reset_prefix_cache", {})
-        assert response.status_code == 503 and _error(response)["code"] == "ring_unavailable"
+        assert response.status_code == 503 and error_body(response)["code"] == "ring_unavailable"
     finally:
         api.spool.write_supervision(None)

@@ -21,7 +21,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_api import KEY, ApiServer, RankProcess, _mlx_lm_greedy, ring_and_api
+from harness import KEY, ApiServer, RankProcess, mlx_lm_greedy, ring_and_api
 
 WAIT = 60  # s for the page to show what the ring does
 LAYERS = 30  # SmolLM2-135M's
@@ -133,7 +133,7 @@ def test_dashboard_in_a_browser(served: tuple[ApiServer, RankProcess], browser: 
     # A chat message gets a streamed answer: the model's greedy output, as mlx-lm gives it.
     message = "What does a <b>lighthouse</b> keeper do?"
     answer = _send(browser, message, ANSWER_TOKENS)
-    reference = _mlx_lm_greedy(default_model, [{"role": "user", "content": message}], ANSWER_TOKENS).text
+    reference = mlx_lm_greedy(default_model, [{"role": "user", "content": message}], ANSWER_TOKENS).text
     assert answer == _markdown_text(browser, reference) and len(answer.split()) > 5
     assert browser.execute_script("return window.answerChanges") > 1
     user = browser.find_elements(By.CSS_SELECTOR, "#transcript .message.user .body")[-1]

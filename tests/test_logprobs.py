@@ -11,7 +11,7 @@ import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.generate import generate_step
-from test_api import ApiServer, _load, tiny_api
+from harness import ApiServer, load_reference, tiny_api
 
 
 MESSAGES = [{"role": "user", "content": "Tell me about the harbour town of Wexley."}]
@@ -31,13 +31,13 @@ def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiSe
 
 def _reference(model: Path, prompt: list[int]) -> list[tuple[int, mx.array]]:
     """mlx-lm's greedy tokens, each with its log-probability vector."""
-    mlx_model, _ = _load(model)
+    mlx_model, _ = load_reference(model)
     steps = generate_step(mx.array(prompt), mlx_model, max_tokens=TOKENS)
     return [(token, logprobs) for token, logprobs in steps]
 
 
 def test_chat_logprobs_are_mlx_lms(api: ApiServer, model: Path) -> None:
-    _, tokenizer = _load(model)
+    _, tokenizer = load_reference(model)
     reference = _reference(model, tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
     reply = api.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=TOKENS,
                                                  temperature=0, logprobs=True, top_logprobs=3)
@@ -58,7 +58,7 @@ def test_chat_logprobs_are_mlx_lms(api: ApiServer, model: Path) -> None:
 
 
 def test_completion_logprobs_shape(api: ApiServer, model: Path) -> None:
-    _, tokenizer = _load(model)
+    _, tokenizer = load_reference(model)
     reference = _reference(model, tokenizer.encode("The harbour"))
     reply = api.client().completions.create(model="tiny", prompt="The harbour", max_tokens=TOKENS, temperature=0,
                                             logprobs=2)

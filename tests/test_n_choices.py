@@ -12,7 +12,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from test_api import ApiServer, _metric, _mlx_lm_greedy, tiny_api
+from harness import ApiServer, metric_value, mlx_lm_greedy, tiny_api
 
 
 TOKENS = 8
@@ -40,7 +40,7 @@ def _client(api: ApiServer) -> openai.OpenAI:
 
 def test_seeded_choices_are_reproducible(api: ApiServer) -> None:
     messages = _messages("the harbour town of Wexley")
-    reused_before = _metric(httpx.get(f"{api.url}/metrics").text, "mlx_ring_prompt_cache_reused_tokens_total")
+    reused_before = metric_value(httpx.get(f"{api.url}/metrics").text, "mlx_ring_prompt_cache_reused_tokens_total")
 
     def draw(n: int) -> openai.types.chat.ChatCompletion:
         return _client(api).chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, n=n,
@@ -57,14 +57,14 @@ def test_seeded_choices_are_reproducible(api: ApiServer) -> None:
     assert usage.completion_tokens == 3 * TOKENS and usage.total_tokens == usage.prompt_tokens + 3 * TOKENS
     # One prefill for all: every copy took all of the prompt but its last token from the cache.
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
-    reused = _metric(httpx.get(f"{api.url}/metrics").text, "mlx_ring_prompt_cache_reused_tokens_total")
+    reused = metric_value(httpx.get(f"{api.url}/metrics").text, "mlx_ring_prompt_cache_reused_tokens_total")
     # The first request's three copies reused the first prefill's prompt: (n) x (prompt - 1) at the least.
     assert reused - reused_before >= 3 * (usage.prompt_tokens - 1)
 
 
 def test_greedy_choices_are_all_mlx_lms(api: ApiServer, model: Path) -> None:
     messages = _messages("the lighthouse of Brume")
-    reference = _mlx_lm_greedy(model, messages, TOKENS)
+    reference = mlx_lm_greedy(model, messages, TOKENS)
     reply = _client(api).chat.completions.create(model="tiny", messages=messages, max_tokens=TOKENS, n=4,
                                                  temperature=0)
     assert [c.message.content for c in reply.choices] == [reference.text] * 4

@@ -9,9 +9,9 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-from test_api import VOCAB_SIZE, ApiServer, ring_and_api
+from harness import ApiServer, ring_and_api
 
-from models.tiny import make_tiny_model
+from models.tiny import VOCAB_SIZE, make_tiny_model
 
 ANSWERED, REFUSED, TOO_LARGE = "answered", "refused", "too large"  # 200, 400, 413
 

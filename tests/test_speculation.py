@@ -18,7 +18,7 @@ import mlx.core as mx
 import pytest
 from conftest import PROMPT, generate_json, reference_tokens, run_ranks
 from mlx_lm.generate import generate_step
-from test_api import _load, _metric, ring_and_api
+from harness import load_reference, metric_value, ring_and_api
 from test_batching import _chat, _expected
 
 from distributed.kv_cache import KVSettings, StageCache
@@ -198,18 +198,18 @@ def test_served_speculation_reports_its_figures_and_waits_while_others_decode(ti
         assert record["mode"] == "draft" and record["paused"] is None
         assert record["accepted_tokens"] == accepted
         metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
-        assert _metric(metrics, "mlx_ring_speculation_acceptance_rate") == pytest.approx(record["acceptance_rate"])
-        assert _metric(metrics, "mlx_ring_speculation_tokens_per_pass") == pytest.approx(record["tokens_per_pass"])
-        assert _metric(metrics, "mlx_ring_accepted_prediction_tokens_total") == accepted
+        assert metric_value(metrics, "mlx_ring_speculation_acceptance_rate") == pytest.approx(record["acceptance_rate"])
+        assert metric_value(metrics, "mlx_ring_speculation_tokens_per_pass") == pytest.approx(record["tokens_per_pass"])
+        assert metric_value(metrics, "mlx_ring_accepted_prediction_tokens_total") == accepted
 
         # Log-probabilities of rejected positions are dropped with them.
         reply = api.client().chat.completions.create(model=str(model), messages=messages, max_tokens=24,
                                                      temperature=0, logprobs=True, top_logprobs=2)
         assert reply.usage.completion_tokens_details.accepted_prediction_tokens > 0
-        _, tokenizer = _load(model)
+        _, tokenizer = load_reference(model)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         reference = []
-        for token, logprobs in generate_step(mx.array(prompt), _load(model)[0], max_tokens=24):
+        for token, logprobs in generate_step(mx.array(prompt), load_reference(model)[0], max_tokens=24):
             if token in tokenizer.eos_token_ids:
                 break
             reference.append((token, logprobs))

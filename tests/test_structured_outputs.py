@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from test_api import ApiServer, _mlx_lm_greedy, ring_and_api
+from harness import ApiServer, mlx_lm_greedy, ring_and_api
 
 from models.tiny import make_tiny_model
 
@@ -77,7 +77,7 @@ def test_json_object_and_streaming(api: ApiServer) -> None:
 
 
 def test_free_text_beside_constrained_requests_is_unchanged(api: ApiServer, model: Path) -> None:
-    reference = _mlx_lm_greedy(model, MESSAGES, 24)
+    reference = mlx_lm_greedy(model, MESSAGES, 24)
     with ThreadPoolExecutor(3) as pool:
         constrained = [pool.submit(_create, api, seed, response_format=FORMAT) for seed in (5, 6)]
         free = api.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0)

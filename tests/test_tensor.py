@@ -17,7 +17,7 @@ import mlx.core as mx
 import pytest
 from conftest import PROMPT, REPO, generate_json, launch_command, rank_env, run_launch, run_ranks
 
-from test_api import _wait_for, ring_and_api
+from harness import wait_for, ring_and_api
 from test_batching import _chat, _heartbeat, _text
 
 from models.tiny import make_tiny_model
@@ -163,7 +163,7 @@ def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
                 assert reply["text"] == _text(model, tokens), (round_, content)
                 assert reply["finish_reason"] == ("length" if len(tokens) == max_tokens else "stop")
             # They really ran together (rank 0 writes a heartbeat a second).
-            assert _wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= 3)
+            assert wait_for(lambda: _heartbeat(api).get("peak_active", 0) >= 3)
     # The second time, all but the last prompt token came from the prompt cache.
     assert [r["usage"].prompt_tokens_details.cached_tokens for r in replies] == \
         [r["usage"].prompt_tokens - 1 for r in replies]

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
-from test_api import ApiServer, _ring_settings, _spooled_request, tiny_api
+from harness import ApiServer, ring_settings_for, spooled_request, tiny_api
 
 from http_api.anthropic.replies import MessageReply
 from http_api.replies import ChatReply
@@ -130,11 +130,11 @@ def test_one_call_stops_at_its_end(api: ApiServer, model: Path) -> None:
     client = _client(api)
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
                                            parallel_tool_calls=False, temperature=0)
-    stops = _spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop
+    stops = spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop
     assert stops == ["</tool_call>"] and reply.choices[0].message.content
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=4,
                                            temperature=0, stop=["zz"])
-    assert _spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop == ["zz"]
+    assert spooled_request(api, reply.id.removeprefix("chatcmpl-")).stop == ["zz"]
     # What a model that calls a tool writes, cut at the stop string, as rank 0 ends it.
     tokenizer = load_tokenizer(model)
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}\n'
@@ -169,7 +169,7 @@ def test_tool_refusals(api: ApiServer, tmp_path: Path) -> None:
     assert err.value.body["param"] == "tool_choice" and "no tools" in err.value.body["message"]
     # A model whose template has no tools: refused before anything is queued.
     plain = make_tiny_model("llama", tmp_path / "llama")
-    with ApiServer(_ring_settings(plain, tmp_path / "spool", served_model_name="plain")) as other:
+    with ApiServer(ring_settings_for(plain, tmp_path / "spool", served_model_name="plain")) as other:
         with pytest.raises(openai.BadRequestError) as err:
             other.client().chat.completions.create(model="plain", messages=MESSAGES, tools=TOOLS, max_tokens=4)
     assert err.value.body["param"] == "tools" and "no tool calling" in err.value.body["message"]
