@@ -11,7 +11,7 @@ entry r+1. So each rank gets a hostfile of its own (`ring_hostfiles`): its own e
 the real address, its neighbours' the relay's ports in front of theirs, and every
 connection between ranks passes a relay.
 
-    .venv/bin/python -m bench.slow_link --listen 127.0.0.1:6001 --to 127.0.0.1:5001 --delay-ms 3
+    .venv/bin/python -m bench.slow_link --relay 6001:5001 --relay 6002:5002 [--delay-ms 3]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -28,12 +29,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
+RELAY_NICE = -10
 CONNECT_TIMEOUT = 120  # seconds the relay waits for its target to listen
-
-
-def address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 class SlowLink:
@@ -136,13 +133,22 @@ def ring_hostfiles(ports: list[int], relays: list[int], directory: Path, host: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", type=address, required=True, metavar="HOST:PORT")
-    parser.add_argument("--to", type=address, required=True, metavar="HOST:PORT")
+    parser.add_argument("--relay", action="append", required=True, metavar="PORT:TARGET_PORT",
+                        help="listen on PORT, forward to TARGET_PORT (repeat for several relays)")
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--delay-ms", type=float, default=3.0, help="added to every chunk, each way")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(message)s")
-    link = SlowLink(args.listen, args.to, args.delay_ms / 1e3)
-    log.info("%s -> %s, %.1f ms each way", link.address, args.to, args.delay_ms)
+    try:
+        # The relay stands for the wire, which takes no machine's core: ahead of ranks
+        # that spin while they wait, it forwards when a chunk is due, not a slice later.
+        os.nice(RELAY_NICE)
+    except PermissionError:
+        log.info("relay: not allowed to raise its priority; chunks may wait for a core")
+    for relay in args.relay:
+        port, _, target = relay.partition(":")
+        link = SlowLink((args.host, int(port)), (args.host, int(target)), args.delay_ms / 1e3)
+        log.info("%s -> %s:%s, %.1f ms each way", link.address, args.host, target, args.delay_ms)
     threading.Event().wait()
 
 
