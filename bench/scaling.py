@@ -104,7 +104,10 @@ def launch(system: str, args: argparse.Namespace, logs: Path, spool: Path):
         command = [sys.executable, "-m", "mlx_lm.server", "--model", args.model, "--port", str(port),
                    "--log-level", "WARNING"]
         return pinned(command, dict(os.environ, **blas)), port, "default_model"
-    env = bench_env(args.model, SPOOL_DIR=str(spool), API_PORT=str(port), PARALLEL=parallel, FAST_BLAS="1", **blas)
+    # Micro-batches: one per machine, as on real machines (on one host mlx-ring's default
+    # is one, its ranks sharing the host's cores; here each has a core of its own).
+    env = bench_env(args.model, SPOOL_DIR=str(spool), API_PORT=str(port), PARALLEL=parallel, FAST_BLAS="1",
+                    MICRO_BATCHES=str(ranks), **blas)
     ring = pinned([sys.executable, str(REPO / "server.py")], env)
     api = start(["taskset", "-c", "0", sys.executable, str(REPO / "api.py")], env, log)
     return [*ring, api], port, args.model
