@@ -21,7 +21,7 @@ tensor parallel; on the slow link, auto runs the faster of the two modes, >= 0.9
 machine at 1 stream and >= 1.0x at 8, and >= 1.3x mlx_lm.server's tensor parallel.
 
     .venv/bin/python -m bench.scaling [--passes 2] [--rounds 2] [--streams 1,8] [--tokens 48]
-        [--systems one,pipeline-2,tensor-2,auto-2] [--links mpi,ring,slow] [--delay-ms 3]
+        [--systems one,pipeline-2,tensor-2,auto-2,mlx-lm-tensor] [--links mpi,ring,slow] [--delay-ms 3]
         [--model DIR] [--wait-quiet 120] [--out bench/results]
 """
 
