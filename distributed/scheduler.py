@@ -216,10 +216,8 @@ class Scheduler(Prefill):
             work, length = self._prefill_step(micro)
             sample = False
         ring = self.pipeline.results_over_ring
-        # Exactly one row: its half-head logits are the same bits as the whole
-        # head's, which a BLAS may not give for a batch split across ranks. Only
-        # where the head's output is the logits (no softcap or scale after it).
-        share = ring and sample and len(micro.members) == 1 and self.pipeline.head is not None
+        # Only where the head's output is the logits (no softcap or scale after it).
+        share = ring and sample and self.pipeline.head is not None
         flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
         self.transport.broadcast(Header(Op.STEP, micro.batch, length=length, flag=flag))
         # As in mlx-lm: the device computes while the next step's graph is built.
