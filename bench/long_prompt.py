@@ -58,7 +58,7 @@ TOKENS = 4  # generated after the prompt: TTFT is the first
 
 def long_prompt(tokens: int, variant: int) -> str:
     """About `tokens` tokens of varied sentences (about 36 tokens each), different per `variant`."""
-    sentences = [f"Note {variant}.{i}: {SUBJECTS[(i + variant) % len(SUBJECTS)]} waited {i * 7 % 60} minutes "
+    sentences = [f"Note {i}: {SUBJECTS[(i + variant) % len(SUBJECTS)]} waited {i * 7 % 60} minutes "
                  f"in the rain near gate {i % 13}, counting {i * 3} boats and {i % 9} gulls." for i in range(tokens // 36)]
     return f"Summarise these notes ({variant}):\n" + "\n".join(sentences)
 
