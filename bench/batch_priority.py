@@ -38,10 +38,12 @@ def start_batch(client: httpx.Client, model: str, lines: int, max_tokens: int) -
     return batch.json()["id"]
 
 
-def ttfts(client: httpx.Client, model: str, spool_dir, requests: int) -> tuple[list[float], list[float]]:
-    """Client and engine TTFTs of `requests` one-token chat completions, one after another."""
+def ttfts(client: httpx.Client, model: str, spool_dir, requests: int, first: int) -> tuple[list[float], list[float]]:
+    """Client and engine TTFTs of `requests` one-token chat completions, one after another,
+    numbered from `first` (so no two prompts are alike: the prompt cache holds only
+    the part they share, as for any two conversations)."""
     client_s, engine_s = [], []
-    for i in range(requests):
+    for i in range(first, first + requests):
         run = stream_chat(client, model, f"Say one word. ({i})", 1)
         client_s.append(run["arrivals"][0] - run["sent"])
         engine_s.append(engine_timings(spool_dir, run["id"])["time_to_first_token"])
@@ -63,12 +65,12 @@ def main() -> None:
     served = served_name(args.model)
     with serving(args.model, args.ranks, BATCH_MAX_ACTIVE=str(args.batch_max_active)) as (url, spool_dir):
         client = httpx.Client(base_url=url, timeout=600)
-        ttfts(client, served, spool_dir, 2)  # warm-up
-        idle, idle_engine = ttfts(client, served, spool_dir, args.requests)
+        ttfts(client, served, spool_dir, 2, 0)  # warm-up
+        idle, idle_engine = ttfts(client, served, spool_dir, args.requests, 1000)
         batch_id = start_batch(client, served, args.batch_lines, args.batch_tokens)
         while client.get(f"/v1/batches/{batch_id}").json()["request_counts"]["completed"] < 1:
             time.sleep(0.1)
-        busy, busy_engine = ttfts(client, served, spool_dir, args.requests)
+        busy, busy_engine = ttfts(client, served, spool_dir, args.requests, 2000)
         batch = client.get(f"/v1/batches/{batch_id}").json()
         client.post(f"/v1/batches/{batch_id}/cancel").raise_for_status()
         counts = batch["request_counts"]

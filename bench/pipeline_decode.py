@@ -1,8 +1,11 @@
 """Single-stream decode speed: a 2-rank MPI pipeline vs single-process mlx-lm.
 
 Both run the same model, greedy, the same prompt and token count, in the same
-run, alternating so that machine noise hits both alike. Prints a table and the
-ratio of best-of-N decode tokens/s (target >= 0.97).
+run, alternating which goes first so that machine noise hits both alike; they
+must generate the same tokens. Each rank stands for a machine: pinned to a core
+of its own (mpirun --bind-to core) with a one-thread BLAS (OPENBLAS_NUM_THREADS=1),
+against mlx-lm in one process pinned to one core with the same BLAS. Prints the
+load, a table and the ratio of best-of-N decode tokens/s (target >= 0.97).
 
     .venv/bin/python -m bench.pipeline_decode [--model DIR | --family deepseek_v2] [--tokens 64] [--rounds 3]
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +26,10 @@ from bench.bench_model import FAMILIES, family_model
 from bench.ring import bench_env, mpi_ranks
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One BLAS thread per simulated machine: with more, a process would compute on the
+# other rank's core.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
 
 PROMPT = "Tell me a short story about a lighthouse keeper and a storm."
 
@@ -36,28 +44,33 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 model, tok = load(sys.argv[1])
 ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True)
-stamps = []
+stamps, token_ids = [], []
 for token, _ in generate_step(mx.array(ids), model, max_tokens=int(sys.argv[3])):
     stamps.append(time.perf_counter())
-print(json.dumps({"decode_tokens_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0])}))
+    token_ids.append(int(token))
+print(json.dumps({"decode_tokens_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "token_ids": token_ids}))
 """
 
 
-def run_baseline(model: str, tokens: int) -> float:
+def run_baseline(model: str, tokens: int) -> tuple[float, list[int]]:
+    """mlx-lm in one process pinned to core 0: decode tok/s and the token ids."""
     out = subprocess.run(
-        [sys.executable, "-c", BASELINE, model, PROMPT, str(tokens)],
-        env=bench_env(model), cwd=REPO, capture_output=True, text=True, check=True,
+        ["taskset", "-c", "0", sys.executable, "-c", BASELINE, model, PROMPT, str(tokens)],
+        env=bench_env(model, **ONE_THREAD), cwd=REPO, capture_output=True, text=True, check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])["decode_tokens_per_second"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["decode_tokens_per_second"], result["token_ids"]
 
 
-def run_pipeline(model: str, tokens: int, ranks: int) -> float:
-    cmd = mpi_ranks(ranks, "--prompt", PROMPT, "--chat", "--max-tokens", str(tokens), "--json")
-    out = subprocess.run(cmd, env=bench_env(model, PARALLEL="pipeline"), capture_output=True, text=True, check=True)
+def run_pipeline(model: str, tokens: int, ranks: int) -> tuple[float, list[int]]:
+    """mlx-ring's one-shot mode on `ranks` ranks, each pinned to its core: decode tok/s and the token ids."""
+    cmd = mpi_ranks(ranks, "--prompt", PROMPT, "--chat", "--max-tokens", str(tokens), "--json", bind_to="core")
+    env = bench_env(model, PARALLEL="pipeline", **ONE_THREAD)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if len(result["token_ids"]) < tokens:
         raise SystemExit(f"the pipeline stopped after {len(result['token_ids'])} tokens; use a longer prompt")
-    return result["timings"]["decode_tokens_per_second"]
+    return result["timings"]["decode_tokens_per_second"], result["token_ids"]
 
 
 def main() -> None:
@@ -68,6 +81,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
+    if args.ranks > (os.cpu_count() or 1):
+        parser.error(f"--ranks {args.ranks}: each rank needs a core of its own, this machine has {os.cpu_count()}")
 
     if args.family is not None:
         args.model = str(family_model(args.family))
@@ -77,18 +92,30 @@ def main() -> None:
 
         args.model = resolve_model(None, load_settings().model_cache_dir)
 
-    baseline, pipeline = [], []
+    systems = {
+        "mlx-lm single process": lambda: run_baseline(args.model, args.tokens),
+        f"mlx-ring {args.ranks} pinned ranks (MPI)": lambda: run_pipeline(args.model, args.tokens, args.ranks),
+    }
+    speeds: dict[str, list[float]] = {name: [] for name in systems}
+    tokens: dict[str, list[int]] = {}
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for i in range(args.rounds):
-        baseline.append(run_baseline(args.model, args.tokens))
-        print(f"[{i + 1}/{args.rounds}] mlx-lm single process: {baseline[-1]:6.2f} tok/s", flush=True)
-        pipeline.append(run_pipeline(args.model, args.tokens, args.ranks))
-        print(f"[{i + 1}/{args.rounds}] mlx-ring {args.ranks} ranks (MPI): {pipeline[-1]:6.2f} tok/s", flush=True)
+        # Alternate which system goes first, so a drift in machine speed favours neither.
+        for name in list(systems)[:: 1 if i % 2 == 0 else -1]:
+            speed, tokens[name] = systems[name]()
+            speeds[name].append(speed)
+            print(f"[{i + 1}/{args.rounds}] {name}: {speed:6.2f} tok/s", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    baseline_ids, pipeline_ids = tokens.values()
+    if baseline_ids[: args.tokens] != pipeline_ids[: args.tokens]:
+        raise SystemExit("the two systems generated different tokens: they did not do the same work")
 
+    (base_name, baseline), (pipe_name, pipeline) = speeds.items()
     best_base, best_pipe = max(baseline), max(pipeline)
     print()
     print(f"{'setup':32} {'best tok/s':>10} {'all runs':>30}")
-    print(f"{'mlx-lm single process':32} {best_base:10.2f} {', '.join(f'{x:.2f}' for x in baseline):>30}")
-    print(f"{f'mlx-ring {args.ranks} ranks, MPI':32} {best_pipe:10.2f} {', '.join(f'{x:.2f}' for x in pipeline):>30}")
+    print(f"{base_name:32} {best_base:10.2f} {', '.join(f'{x:.2f}' for x in baseline):>30}")
+    print(f"{pipe_name:32} {best_pipe:10.2f} {', '.join(f'{x:.2f}' for x in pipeline):>30}")
     print(f"ratio (mlx-ring / mlx-lm): {best_pipe / best_base:.3f}  (target >= 0.97)")
 
 

@@ -61,10 +61,11 @@ def kv_settings(settings: Settings) -> KVSettings:
 
 def micro_batches(settings: Settings, ranks: list[dict], tensor: bool = False) -> int:
     """MICRO_BATCHES, or one per machine: ranks on one machine share its cores. Split
-    by tensor, one: every rank works on every step, and a step reads every weight
-    once however many sequences it holds."""
-    machines = 1 if tensor else len({r["host"] for r in ranks})
-    return min(settings.micro_batches or machines, len(ranks))
+    by tensor, always one: every rank works on every step, and a step reads every
+    weight once however many sequences it holds, so two would only halve the batch."""
+    if tensor:
+        return 1
+    return min(settings.micro_batches or len({r["host"] for r in ranks}), len(ranks))
 
 
 def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, stage: Stage,

@@ -4,17 +4,20 @@ parallelism (1/N of every layer); `auto` measures and takes the faster.
 Decode reads every weight once per token. In a pipeline a token visits the ranks in
 turn, so it takes as long as on one machine, plus a hop per rank; split N ways, every
 layer's work takes 1/N of the time, plus two all-reduces per layer. Which wins depends
-on the link: `auto` measures it (a small all-reduce's round trip and a large one's
-bandwidth) and one decoder layer's compute, at start, and estimates one sequence's
-token both ways for this model:
+on the link: `auto` measures it (a small all-reduce's round trip, a one-token hidden
+state's trip around the ring from rank to rank, and a large all-reduce's bandwidth) and
+one decoder layer's compute, at start, and estimates one sequence's token both ways for
+this model:
 
-    pipeline = L*layer + head/2 + N*all_reduce + (vocab/2 logits)/bandwidth
+    pipeline = L*layer + head/2 + ring_trip + (vocab/2 logits)/bandwidth
     tensor   = (L*layer + head)/N + (2L + 2)*all_reduce + (vocab logits)/bandwidth
 
-(L layers, N ranks; a pipeline hop costs about one small all-reduce; the head's time is
-the layer's scaled by their weights' bytes; the pipeline shares its head between rank 0
-and the last rank, tensor mode among all ranks and all-gathers the logits; the 2 extra
-all-reduces carry the step's token ids.) It assumes machines alike, as the tensor
+(L layers, N ranks; the ring trip is timed with the sends and receives between ring
+neighbours that a pipeline's token makes, N hops, where an all-reduce of the ring
+backend takes 2(N-1) (measured over a relay adding 3 ms each way: 6.3 ms an all-reduce,
+6.4 ms a 2-rank trip); the head's time is the layer's scaled by their weights' bytes;
+the pipeline shares its head between rank 0 and the last rank, tensor mode among all
+ranks and all-gathers the logits; the 2 extra all-reduces carry the step's token ids.) It assumes machines alike, as the tensor
 split does (each holds 1/N): on machines of unequal memory choose the pipeline.
 """
 
@@ -26,6 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,12 +44,13 @@ from distributed.world import all_gather_json
 
 log = logging.getLogger(__name__)
 
-# Small all-reduces timed. The round trip is their lower quartile: a link's delay shows
-# in every one of them, a moment another process held a rank's core only in some.
+# Small all-reduces and ring trips timed. Each figure is their lower quartile: a link's
+# delay shows in every one of them, a moment another process held a rank's core (as it
+# does on a shared machine for a scheduler's slice, several ms) only in some.
 SMALL_REPEATS = 40
 LARGE_BYTES = 4 * 2**20  # a large all-reduce, for the link's bandwidth
 LARGE_REPEATS = 3
-LAYER_REPEATS = 5  # decode steps of one layer timed (median)
+LAYER_REPEATS = 12  # decode steps of one layer timed (lower quartile, as above)
 CONTEXT = 32  # tokens in the timed layer's cache, as a short conversation has
 
 
@@ -102,15 +107,15 @@ def measure(world: mx.distributed.Group, skeleton: nn.Module, anatomy: Anatomy, 
     head = get_path(skeleton, anatomy.head.path) if anatomy.head is not None else None
     head_ms = layer_ms * parameter_bytes(head) / parameter_bytes(first) if head is not None else 0.0
     logits_ms = 1e3 * anatomy.vocab * mx.float32.size / bandwidth
-    hop_ms = all_reduce_us / 1e3
+    ring_trip_us = max(r["ring_trip_us"] for r in ranks)
     compute_ms = anatomy.count * layer_ms
-    size = world.size()
     estimate = {
-        "pipeline": compute_ms + head_ms / 2 + size * hop_ms + logits_ms / 2,
-        "tensor": (compute_ms + head_ms) / size + (2 * anatomy.count + 2) * hop_ms + logits_ms,
+        "pipeline": compute_ms + head_ms / 2 + ring_trip_us / 1e3 + logits_ms / 2,
+        "tensor": (compute_ms + head_ms) / world.size() + (2 * anatomy.count + 2) * all_reduce_us / 1e3 + logits_ms,
     }
     return {
         "all_reduce_us": round(all_reduce_us, 1),
+        "ring_trip_us": round(ring_trip_us, 1),
         "bandwidth_mb_s": round(bandwidth / 1e6, 1),
         "layer_ms": round(layer_ms, 3),
         "head_ms": round(head_ms, 3),
@@ -119,22 +124,44 @@ def measure(world: mx.distributed.Group, skeleton: nn.Module, anatomy: Anatomy, 
 
 
 def time_link(world: mx.distributed.Group, hidden_size: int, dtype: mx.Dtype) -> dict:
-    """A one-token hidden state's all-reduce round trip, and a large one's bandwidth."""
+    """A one-token hidden state's all-reduce round trip and trip around the ring, and a
+    large all-reduce's bandwidth."""
     small = mx.ones((1, 1, hidden_size), dtype=dtype)
     large = mx.ones((LARGE_BYTES // 4,), dtype=mx.float32)
     mx.eval(small, large)
-    times = []
-    for i in range(SMALL_REPEATS + 3):  # the first ones warm the connections up
-        start = time.perf_counter()
-        mx.eval(mx.distributed.all_sum(small, group=world))
-        times.append(time.perf_counter() - start)
-    small_s = statistics.quantiles(times[3:], n=4)[0]
+    small_s = lower_quartile(lambda: mx.eval(mx.distributed.all_sum(small, group=world)), SMALL_REPEATS)
+    trip_s = lower_quartile(lambda: ring_trip(world, small), SMALL_REPEATS)
     mx.eval(mx.distributed.all_sum(large, group=world))
     start = time.perf_counter()
     for _ in range(LARGE_REPEATS):
         mx.eval(mx.distributed.all_sum(large, group=world))
     large_s = (time.perf_counter() - start) / LARGE_REPEATS
-    return {"all_reduce_us": small_s * 1e6, "bandwidth_mb_s": LARGE_BYTES / max(large_s - small_s, 1e-9) / 1e6}
+    return {"all_reduce_us": small_s * 1e6, "ring_trip_us": trip_s * 1e6,
+            "bandwidth_mb_s": LARGE_BYTES / max(large_s - small_s, 1e-9) / 1e6}
+
+
+def ring_trip(world: mx.distributed.Group, hidden: mx.array) -> None:
+    """`hidden` from rank 0 around the ring and back, each rank receiving it from the one
+    before and sending it to the next, as a pipeline's token goes."""
+    rank, size = world.rank(), world.size()
+    if rank == 0:
+        mx.eval(mx.distributed.send(hidden, 1, group=world))
+        mx.eval(mx.distributed.recv_like(hidden, size - 1, group=world))
+    else:
+        got = mx.distributed.recv_like(hidden, rank - 1, group=world)
+        mx.eval(mx.distributed.send(got, (rank + 1) % size, group=world))
+
+
+def lower_quartile(step: Callable[[], None], repeats: int, warm_up: int = 3) -> float:
+    """Seconds of `step`: the lower quartile of `repeats` timings, after `warm_up` untimed
+    (the first ones open connections and fill caches)."""
+    times = []
+    for i in range(warm_up + repeats):
+        start = time.perf_counter()
+        step()
+        if i >= warm_up:
+            times.append(time.perf_counter() - start)
+    return statistics.quantiles(times, n=4)[0]
 
 
 def time_layer(layer: nn.Module, hidden_size: int, dtype: mx.Dtype) -> float:
@@ -145,12 +172,7 @@ def time_layer(layer: nn.Module, hidden_size: int, dtype: mx.Dtype) -> float:
     context = mx.random.normal((1, CONTEXT, hidden_size)).astype(dtype)
     mx.eval(layer(context, "causal", cache))
     token = mx.random.normal((1, 1, hidden_size)).astype(dtype)
-    times = []
-    for _ in range(LAYER_REPEATS + 1):
-        start = time.perf_counter()
-        mx.eval(layer(token, None, cache))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[1:])
+    return 1e3 * lower_quartile(lambda: mx.eval(layer(token, None, cache)), LAYER_REPEATS, warm_up=1)
 
 
 def fetch_first_layer(model: str, path: Path) -> bool:
@@ -174,8 +196,9 @@ def log_choice(choice: ParallelChoice) -> None:
     figures = choice.figures
     if figures:
         log.info(
-            "parallel: %s (PARALLEL=%s): all-reduce %.0f us, %.0f MB/s; a layer %.2f ms, the head %.2f ms; %s",
-            choice.mode, choice.requested, figures["all_reduce_us"], figures["bandwidth_mb_s"],
+            "parallel: %s (PARALLEL=%s): all-reduce %.0f us, ring trip %.0f us, %.0f MB/s; a layer %.2f ms, "
+            "the head %.2f ms; %s",
+            choice.mode, choice.requested, figures["all_reduce_us"], figures["ring_trip_us"], figures["bandwidth_mb_s"],
             figures["layer_ms"], figures["head_ms"], choice.reason,
         )
     else:

@@ -34,7 +34,27 @@ def prefill_chunk(step_size: int, pipelined_step_size: int, pipelined: bool) -> 
 class Prefill:
     def _prefill_order(self, micro: MicroBatch) -> tuple[bool, int]:
         """Interactive prompts first, then batch lines; first come, first served."""
-        return all(self.sequences[s].background for s in micro.members), micro.batch
+        return self._batch_lines_only(micro), micro.batch
+
+    def _batch_lines_only(self, micro: MicroBatch) -> bool:
+        return all(self.sequences[s].background for s in micro.members)
+
+    def _yields(self, micro: MicroBatch) -> bool:
+        """Whether a micro-batch of batch lines waits: it does until the interactive
+        prompts being prefilled, or about to take their first decode step on their own,
+        have launched that step, so their first token comes about as soon as on an
+        idle ring (a batch step of several rows can cost as much as a prompt chunk)."""
+        return self._batch_lines_only(micro) and any(
+            b.batch not in self.waiting and not self._batch_lines_only(b)
+            and any(self.sequences[s].fed < self.sequences[s].prompt_tokens for s in b.members)
+            for b in self.micro_batches.values())
+
+    def _steps_alone(self, micro: MicroBatch) -> bool:
+        """An interactive micro-batch just prefilled, while only batch lines decode, takes
+        its first steps on its own rather than waiting to join theirs: batch lines never
+        delay an interactive request's first token by their rows."""
+        return not self._batch_lines_only(micro) and all(
+            self._batch_lines_only(b) for b in self._decoding() if b is not micro)
 
     def _remaining_prompt(self, seq: int) -> int:
         """Prompt tokens still to prefill (the last one goes through the first decode step)."""

@@ -190,7 +190,7 @@ class Scheduler(Prefill):
         prefilled; prompts go first come, first served."""
         self.ready = deque(g for g in self.ready if g in self.micro_batches)  # those that left
         ready = [self.micro_batches[g] for g in self.ready]
-        decoding = next((b for b in ready if b.decoding), None)
+        decoding = next((b for b in ready if b.decoding and not self._yields(b)), None)
         prefilling = min((b for b in ready if not b.decoding), key=self._prefill_order, default=None)
         micro = prefilling if prefilling is not None and (self.prefill_budget > 0 or decoding is None) else decoding
         if micro is not None:
@@ -394,7 +394,7 @@ class Scheduler(Prefill):
             micro.decoding = True
             self._log_prefilled(micro)
             others = len(self._decoding()) - 1
-            if self.max_decoding is not None and others >= self.max_decoding:
+            if self.max_decoding is not None and others >= self.max_decoding and not self._steps_alone(micro):
                 self.waiting.append(micro.batch)
                 return
         self.ready.append(micro.batch)

@@ -113,10 +113,11 @@ class Serving:
             carry_out_controls(self.spool, self.scheduler)
             self.admit()
             if self.scheduler.busy or events:
-                # The next steps start first, so the ring computes while the last
-                # step's tokens are written out.
-                self.scheduler.launch()
+                # Tokens are written before the next steps start: starting a step
+                # computes rank 0's share of it (MLX's async_eval returns only once most
+                # of a large graph has run), which would hold every token back by as long.
                 self.write_out(events)
+                self.scheduler.launch()
                 events = self.scheduler.collect()
             else:
                 # The other ranks sleep on their doorbells meanwhile.

@@ -150,9 +150,11 @@ def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
     model = tiny_models["llama"]
     prompts = [{"text": c, "chat": True} for c, _, _ in JOINING]
     expected = shard_reference(2, "mpi", [model], prompts, max(n for _, n, _ in JOINING))[str(model)]
-    with ring_and_api(model, tmp_path / "spool", 2, PARALLEL="tensor", **CHUNKED) as (api, _):
+    with ring_and_api(model, tmp_path / "spool", 2, PARALLEL="tensor", MICRO_BATCHES="2", **CHUNKED) as (api, _):
         health = httpx.get(f"{api.url}/health").json()
         assert health["parallel"]["mode"] == "tensor" and [r["shard"] for r in health["ranks"]] == [[0, 2], [1, 2]]
+        # Every rank works on every step: a second micro-batch would only halve the batch.
+        assert _heartbeat(api)["micro_batches"] == 1
         for round_ in range(2):  # the second time from the prompt cache
             with ThreadPoolExecutor(len(JOINING)) as pool:
                 futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d)
