@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     default_repetition_penalty: Optional[float] = Field(None, gt=0)
     max_sequence_length: int = Field(8192, ge=2)
     prefill_step_size: int = Field(2048, ge=1)
+    # Where a prompt's chunks follow each other around a ring of several stages (the
+    # pipeline, MICRO_BATCHES > 1): tokens per chunk, at most PREFILL_STEP_SIZE; 0: that
+    pipeline_prefill_step_size: int = Field(256, ge=0)
 
     # Speculative decoding, for a sequence decoding alone: off; ngram: the tokens that
     # followed the latest earlier occurrence of the last few tokens (prompt lookup);

@@ -167,7 +167,7 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
         scheduler = Scheduler(
             pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
-            frozenset(tokenizer.eos_token_ids), vocab_size(config), Grammars(tokenizer, vocab_size(config)),
-            speculation,
+            settings.pipeline_prefill_step_size, frozenset(tokenizer.eos_token_ids), vocab_size(config),
+            Grammars(tokenizer, vocab_size(config)), speculation,
         )
     return Cluster(world, stage, pipeline, scheduler, ranks, path, config, parallel, tokenizer)

@@ -19,6 +19,8 @@ class MicroBatch:
     members: list[int]
     decoding: bool = False
     work: Optional[StepWork] = None  # its next decode step, built ahead
+    chunks: int = 0  # prompt chunks launched
+    most_in_flight: int = 0  # of its chunks at once: how far its prefill pipelined
 
 
 @dataclass

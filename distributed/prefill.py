@@ -1,7 +1,15 @@
 """How the scheduler prefills prompts: which goes first (interactive before batch lines,
 then first come, first served), which start together as one padded micro-batch, and the
-chunks of PREFILL_STEP_SIZE tokens they go through in, as mlx-lm's generate_step cuts
-them. A mixin of `distributed.scheduler.Scheduler`, whose state it reads."""
+chunks they go through in, as mlx-lm's generate_step cuts them.
+
+Pipelined prefill: a chunk's step needs nothing back from the one before (every rank
+takes rank 0's steps in order, so each extends its caches in turn), so on a ring of
+several stages a prompt's next chunk is launched right after the one before, up to
+MICRO_BATCHES steps in flight: chunk k+1 enters rank 0 while chunk k is on rank 1, and a
+prompt on N stages takes about 1/N of one stage's time, plus one chunk's trip along the
+ring. Its last chunk's acknowledgement brings it to decoding. There, chunks are of
+PIPELINE_PREFILL_STEP_SIZE tokens, so that a long prompt makes several per stage.
+A mixin of `distributed.scheduler.Scheduler`, whose state it reads."""
 
 from __future__ import annotations
 
@@ -15,6 +23,12 @@ from distributed.micro_batch import MicroBatch
 from distributed.transport import StepWork
 
 log = logging.getLogger(__name__)
+
+
+def prefill_chunk(step_size: int, pipelined_step_size: int, pipelined: bool) -> int:
+    """Prompt tokens per prefill step: PREFILL_STEP_SIZE, or where chunks pipeline
+    PIPELINE_PREFILL_STEP_SIZE (0: the same), never more than PREFILL_STEP_SIZE."""
+    return min(step_size, pipelined_step_size or step_size) if pipelined else step_size
 
 
 class Prefill:
@@ -66,7 +80,7 @@ class Prefill:
             if not self._unstarted(other):
                 continue
             remaining = self._remaining_prompt(other.members[0])
-            if (len(micro.members) + 1) * min(self.prefill_step_size, max(longest, remaining)) > self.prefill_step_size:
+            if (len(micro.members) + 1) * min(self.prefill_chunk, max(longest, remaining)) > self.prefill_step_size:
                 break
             longest = max(longest, remaining)
             self.ready.remove(batch)
@@ -85,19 +99,26 @@ class Prefill:
         first decode step, which samples."""
         sequences = [self.sequences[s] for s in micro.members]
         todo = [s.tokens[s.fed : s.prompt_tokens - 1] for s in sequences]
-        count = min(self.prefill_step_size, max(len(t) for t in todo))
+        count = min(self.prefill_chunk, max(len(t) for t in todo))
         rows = []
         for sequence, tokens in zip(sequences, todo):
             chunk = tokens[:count]
             sequence.fed += len(chunk)
             rows.append(chunk + [0] * (count - len(chunk)))
         self.prefill_budget -= count * len(rows)
+        micro.chunks += 1
+        micro.most_in_flight = max(micro.most_in_flight, 1 + sum(f.batch == micro.batch for f in self.flights))
         return self.pipeline.run(micro.batch, mx.array(rows, dtype=mx.int32), False), count
 
     def _prompt_ending(self) -> bool:
         """Whether a prompt being prefilled ends with its next chunk."""
-        return any(not b.decoding and all(self._remaining_prompt(s) <= self.prefill_step_size for s in b.members)
+        return any(not b.decoding and all(self._remaining_prompt(s) <= self.prefill_chunk for s in b.members)
                    for b in self.micro_batches.values())
 
     def _prefilled(self, micro: MicroBatch) -> bool:
         return all(self._remaining_prompt(s) <= 0 for s in micro.members)
+
+    def _log_prefilled(self, micro: MicroBatch) -> None:
+        if micro.chunks:
+            log.info("batch %d prefilled: %d prompt(s), %d chunk(s) of up to %d tokens, at most %d in flight",
+                     micro.batch, len(micro.members), micro.chunks, self.prefill_chunk, micro.most_in_flight)

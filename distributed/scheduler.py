@@ -9,9 +9,10 @@ Ranks that share a machine share its cores: there, one step at a time lets each 
 compute on all of them while the others sleep. New sequences are prefilled in chunks
 between other micro-batches' steps: prompts that arrive together go through as one
 micro-batch, right-padded to one length as mlx-lm's batch generator does, while a
-chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes alone. A
-prefilled micro-batch then joins the smallest decoding one (mlx-lm's batch caches
-take its sequences as new rows).
+chunk of them all fits in PREFILL_STEP_SIZE tokens; a long prompt goes alone. On a
+ring of several stages with several steps in flight, a prompt's chunks follow each
+other around it (`distributed.prefill`). A prefilled micro-batch then joins the
+smallest decoding one (mlx-lm's batch caches take its sequences as new rows).
 A micro-batch's next step is built on its tokens before they arrive; a sequence that
 ended meanwhile rides along that one step and leaves after it. A sequence decoding
 alone may speculate instead (`distributed.speculation`): its next step, built once its
@@ -33,7 +34,7 @@ from distributed.limits import Limits, RequestError
 from distributed.micro_batch import Flight, MicroBatch
 from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
 from distributed.pipeline import Pipeline
-from distributed.prefill import Prefill
+from distributed.prefill import Prefill, prefill_chunk
 from distributed.prompt_cache import PromptCacheIndex
 from distributed.constraint import Grammars
 from distributed.sampling import SamplingParams, check_sampling
@@ -52,6 +53,7 @@ class Scheduler(Prefill):
         prefill_step_size: int,
         prompt_cache_tokens: int,
         micro_batches: int = 1,
+        pipeline_prefill_step_size: int = 0,
         eos_token_ids: frozenset[int] = frozenset(),
         vocab_size: Optional[int] = None,
         grammars: Optional[Grammars] = None,
@@ -66,6 +68,8 @@ class Scheduler(Prefill):
         self.limits = limits
         self.prefill_step_size = prefill_step_size
         self.max_in_flight = micro_batches
+        self.prefill_chunk = prefill_chunk(prefill_step_size, pipeline_prefill_step_size,
+                                           pipeline.results_over_ring and micro_batches > 1)
         # Without batch caches (quantized KV), every sequence is a micro-batch of its own.
         self.max_decoding = micro_batches if can_batch(pipeline.model, pipeline.kv) else None
         self.prompt_cache: Optional[PromptCacheIndex] = None
@@ -234,6 +238,8 @@ class Scheduler(Prefill):
         tokens = results[-1]
         self.flights.append(Flight(micro.batch, list(micro.members), results, sample, drafts))
         micro.work = None
+        if not micro.decoding and not self._prefilled(micro):
+            self.ready.append(micro.batch)  # its next chunk may follow this one at once (`Prefill`)
         if micro.decoding and not self._may_speculate(micro):
             self._build_ahead(micro, tokens)
 
@@ -360,9 +366,12 @@ class Scheduler(Prefill):
                 if results[-1].finish_reason is not None:
                     self.finish(seq)
         micro = self.micro_batches.get(flight.batch)
-        if micro is not None:
-            self._requeue(micro)
+        if micro is not None and micro.batch not in self.ready and not self._in_flight(micro):
+            self._requeue(micro)  # a prompt's last chunk is back: it decodes from now on
         return results
+
+    def _in_flight(self, micro: MicroBatch) -> bool:
+        return any(flight.batch == micro.batch for flight in self.flights)
 
     def _verified(self, flight: Flight, sampled: list[int]) -> list[TokenResult]:
         """A verification step's tokens; then every rank forgets the positions after the last one kept."""
@@ -381,6 +390,7 @@ class Scheduler(Prefill):
     def _requeue(self, micro: MicroBatch) -> None:
         if not micro.decoding and self._prefilled(micro):
             micro.decoding = True
+            self._log_prefilled(micro)
             others = len(self._decoding()) - 1
             if self.max_decoding is not None and others >= self.max_decoding and not self._steps_alone(micro):
                 self.waiting.append(micro.batch)

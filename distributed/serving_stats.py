@@ -17,7 +17,7 @@ TTFT_WINDOW = 100  # recent requests the time to first token's median is taken o
 def ring_settings(settings) -> dict:
     """The settings the ring serves with that a person looking at it wants to see."""
     names = ("backend", "parallel", "layer_split", "micro_batches", "max_sequence_length", "prefill_step_size",
-             "kv_cache_reserved_memory_mb", "kv_bits", "prompt_cache_mb", "fast_blas")
+             "pipeline_prefill_step_size", "kv_cache_reserved_memory_mb", "kv_bits", "prompt_cache_mb", "fast_blas")
     return {name: getattr(settings, name) for name in names}
 
 

@@ -5,6 +5,8 @@ greedy output to compare with."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -94,22 +96,26 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 class RankProcess:
-    """`python server.py` in serve mode (one rank, or `ranks` under MPI); can be killed
-    and started again."""
+    """`python server.py` in serve mode (one rank, or `ranks` under MPI, or the BACKEND
+    `settings` name); can be killed and started again."""
 
     def __init__(self, model: Path, spool_dir: Path, ranks: int = 1, **settings: str) -> None:
         self.spool = Spool(spool_dir)
         self.log_path = spool_dir.parent / "server.log"
         self.env = rank_env({"MODEL_REPO": str(model), "SPOOL_DIR": str(spool_dir), "BACKEND": "mpi",
                              "MAX_SEQUENCE_LENGTH": str(RING_MAX_SEQ), **settings})
-        self.command = launch_command(ranks, "mpi", [])
+        self.command = launch_command(ranks, self.env["BACKEND"], [])
+        # mlx.launch leaves its ranks running when it is stopped: they get their own
+        # process group, which `stop` signals as a whole (mpirun passes signals on itself).
+        self.own_group = ranks > 1 and self.env["BACKEND"] != "mpi"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start it and wait for a heartbeat saying ready written by this run."""
         started = time.time()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, cwd=REPO_DIR, env=self.env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.command, cwd=REPO_DIR, env=self.env, stdout=log, stderr=log,
+                                         start_new_session=self.own_group)
 
         def ready() -> bool:
             beat = self.spool.read_heartbeat() or {}
@@ -119,12 +125,31 @@ class RankProcess:
             f"server.py did not get ready:\n{self.log_path.read_text()[-3000:]}"
 
     def stop(self, kill: bool = False) -> None:
+        if self.own_group:
+            self._stop_group(signal.SIGKILL if kill else signal.SIGTERM)
+            return
         self.proc.kill() if kill else self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def _stop_group(self, sig: signal.Signals) -> None:
+        """Signal the launcher and its ranks; SIGKILL what is left after 30 s."""
+        def gone() -> bool:
+            if self.proc.poll() is None:
+                return False
+            try:
+                os.killpg(self.proc.pid, 0)
+                return False
+            except ProcessLookupError:
+                return True
+
+        os.killpg(self.proc.pid, sig)
+        if not wait_for(gone, timeout=30):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def ring_settings_for(model: Path, spool_dir: Path, **overrides) -> Settings:
