@@ -1,12 +1,11 @@
 """A long prompt's time to first token on 2 simulated machines, against one machine.
 
 Every rank stands for a machine: pinned to a core of its own, its BLAS on one thread
-(OPENBLAS_NUM_THREADS=1); under MPI mpirun pins them (--bind-to core), on the ring
-backend (TCP over loopback, started by mlx.launch as launch.sh does) `taskset` pins each
-rank to the core of its rank number once it runs. The baseline is one mlx-ring process
-pinned to one core. Systems: the pipeline on 2 ranks (MICRO_BATCHES=2, so that a
-prompt's chunks follow each other around the ring: pipelined prefill) and tensor
-parallelism on 2 ranks, each on MPI and on the ring backend. Every system is started
+(OPENBLAS_NUM_THREADS=1), on one of bench/links.py's links: MPI, the ring backend over
+loopback TCP, or the ring backend through a relay delaying every chunk (--delay-ms, a
+slow link). The baseline is one mlx-ring process pinned to one core. Systems: the
+pipeline on 2 ranks (MICRO_BATCHES=2, so that a prompt's chunks follow each other
+around the ring: pipelined prefill) and tensor parallelism on 2 ranks, on each link. Every system is started
 and measured alone, after waiting for the machine to be quiet; each pass runs them in
 the reverse order of the one before. A measurement is one streamed greedy chat
 completion of a prompt of about --prompt-tokens tokens, different each time (and
@@ -20,8 +19,8 @@ default all chunk alike and the ratios show the split, not the chunking (on this
 Target (issue 18): a >= 1,500-token prompt's TTFT <= 0.6x one machine, on every link.
 
     .venv/bin/python -m bench.long_prompt [--passes 2] [--rounds 1] [--prompt-tokens 1800]
-        [--systems one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring]
-        [--prefill-step-size 256] [--pipeline-step-size 256] [--model DIR] [--wait-quiet 120]
+        [--systems one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring,pipeline-slow]
+        [--prefill-step-size 256] [--pipeline-step-size 256] [--delay-ms 3] [--model DIR] [--wait-quiet 120]
 """
 
 from __future__ import annotations
@@ -38,19 +37,23 @@ from pathlib import Path
 from openai import OpenAI
 
 from bench.bench_model import make_bench_model
+from bench.links import ranks_on
 from bench.machine import QUIET_SHARE, cpu_mark, others_since, wait_quiet
-from bench.ring import REPO, bench_env, descendants, free_port, mpi_command, start, wait_healthy
+from bench.ring import REPO, bench_env, descendants, free_port, start, wait_healthy
 from bench.throughput import SUBJECTS, shutdown, stream_once
 from config.blas import DEBIAN_OPENBLAS
 
-# name -> (label, ranks, PARALLEL, BACKEND)
-SYSTEMS: dict[str, tuple[str, int, str, str]] = {
-    "one": ("one process", 1, "pipeline", "mpi"),
+# name -> (label, ranks, PARALLEL, link; None for one process)
+SYSTEMS: dict[str, tuple[str, int, str, str | None]] = {
+    "one": ("one process", 1, "pipeline", None),
     "pipeline-mpi": ("pipeline, MPI", 2, "pipeline", "mpi"),
     "tensor-mpi": ("tensor, MPI", 2, "tensor", "mpi"),
     "pipeline-ring": ("pipeline, ring (TCP)", 2, "pipeline", "ring"),
     "tensor-ring": ("tensor, ring (TCP)", 2, "tensor", "ring"),
+    "pipeline-slow": ("pipeline, slow link", 2, "pipeline", "slow"),
+    "tensor-slow": ("tensor, slow link", 2, "tensor", "slow"),
 }
+DEFAULT_SYSTEMS = "one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring,pipeline-slow"
 BASELINE = "one"
 TARGET = 0.6
 TOKENS = 4  # generated after the prompt: TTFT is the first
@@ -63,40 +66,25 @@ def long_prompt(tokens: int, variant: int) -> str:
     return f"Summarise these notes ({variant}):\n" + "\n".join(sentences)
 
 
-def pin_ranks(procs: list[subprocess.Popen]) -> None:
-    """Pin each rank under mlx.launch to the core of its rank number (all its threads)."""
-    for pid in [pid for proc in procs for pid in descendants(proc.pid)]:
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        rank = next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"MLX_RANK=")), None)
-        if rank is not None and b"server.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            subprocess.run(["taskset", "-a", "-cp", rank, str(pid)], check=True, stdout=subprocess.DEVNULL)
-
-
 def launch(system: str, args: argparse.Namespace, logs: Path, spool: Path) -> tuple[list[subprocess.Popen], int]:
     """Start `system` on simulated machines; its processes and HTTP port."""
-    _, ranks, parallel, backend = SYSTEMS[system]
+    _, ranks, parallel, link = SYSTEMS[system]
     port = free_port()
     env = bench_env(args.model, SPOOL_DIR=str(spool), API_PORT=str(port), PARALLEL=parallel,
                     MICRO_BATCHES=str(ranks), PREFILL_STEP_SIZE=str(args.prefill_step_size),
                     PIPELINE_PREFILL_STEP_SIZE=str(args.pipeline_step_size), PROMPT_CACHE_MB="0",
                     MAX_SEQUENCE_LENGTH="8192", FAST_BLAS="1", OPENBLAS_NUM_THREADS="1",
                     LD_PRELOAD=str(DEBIAN_OPENBLAS))
-    env |= {"BACKEND": backend, "LOG_LEVEL": "INFO"}  # INFO: rank 0 logs how each prompt's chunks went
+    env |= {"LOG_LEVEL": "INFO"}  # INFO: rank 0 logs how each prompt's chunks went
     server = [sys.executable, str(REPO / "server.py")]
-    if ranks == 1:
-        command = ["taskset", "-c", "0", *server]
-    elif backend == "mpi":
-        command = mpi_command(ranks, *server, bind_to="core")
-    else:
-        command = [sys.executable, "-m", "launcher.mlx_launch", "-n", str(ranks), "--backend", "ring", "--", *server]
     log = logs / f"long-prompt-{system}.log"
     log.unlink(missing_ok=True)
-    ring = start(command, env, log)
+    if link is None:
+        procs = [start(["taskset", "-c", "0", *server], env, log)]
+    else:
+        procs = ranks_on(link, ranks, server, env, log, args.delay_ms)
     api = start(["taskset", "-c", "0", sys.executable, str(REPO / "api.py")], env, log)
-    return [ring, api], port
+    return procs + [api], port
 
 
 def measure(system: str, args: argparse.Namespace, logs: Path, pass_: int) -> list[dict]:
@@ -107,8 +95,6 @@ def measure(system: str, args: argparse.Namespace, logs: Path, pass_: int) -> li
     procs, port = launch(system, args, logs, spool)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", procs=tuple(procs))
-        if SYSTEMS[system][3] == "ring" and SYSTEMS[system][1] > 1:
-            pin_ranks(procs)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=900, max_retries=0)
         stream_once(client, args.model, long_prompt(args.prompt_tokens // 4, -1), TOKENS)  # warm-up
         ours = [os.getpid()] + [proc.pid for proc in procs] + [pid for proc in procs for pid in descendants(proc.pid)]
@@ -130,9 +116,10 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="each pass in the reverse order of the one before")
     parser.add_argument("--rounds", type=int, default=1, help="long prompts per system and pass")
     parser.add_argument("--prompt-tokens", type=int, default=1800)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"a subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"a subset of {','.join(SYSTEMS)}")
     parser.add_argument("--prefill-step-size", type=int, default=256, help="PREFILL_STEP_SIZE of every system")
     parser.add_argument("--pipeline-step-size", type=int, default=256, help="PIPELINE_PREFILL_STEP_SIZE")
+    parser.add_argument("--delay-ms", type=float, default=3.0, help="the slow link's delay each way")
     parser.add_argument("--model", help="mlx-lm model directory (default: the bench model)")
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS")
     parser.add_argument("--logs", type=Path, default=REPO / "bench" / "results" / "logs")
