@@ -54,13 +54,14 @@ class TensorHead(nn.Module):
     """The output head of a tensor-parallel model, where its output is the logits
     (`Anatomy.head`), standing where the head was.
 
-    A step of one sequence splits the head by vocabulary: each rank computes the
-    logits of its rows and an all-gather joins them, so the head costs each rank 1/N
-    (a fifth of a small model's work per token). Each part is the same bits as the
-    whole head's rows, as for the pipeline's shared head. A batch's logits come from
-    rank 0's whole head alone, as a BLAS may round a split batch differently; the
-    other ranks skip it. `shared` is set per step, before its graph is built. Other
-    uses of the module (a tied embedding's lookup) call it as they would.
+    A sampling step splits the head by vocabulary: each rank computes the logits of
+    its rows and an all-gather joins them, so the head costs each rank 1/N (a fifth of
+    a small model's work per token). For one sequence each part is the same bits as
+    the whole head's rows; for a batch a BLAS may round them differently in the last
+    bits, as it rounds a batch's rows differently from one row's (as for the
+    pipeline's shared head). A step that does not sample (a prompt chunk) needs no
+    logits, and the other ranks skip the head there. `shared` is set per step, before
+    its graph is built. Other uses of the module (a tied embedding's lookup) call it as they would.
     """
 
     def __init__(self, module: nn.Module, anatomy: Anatomy, world: mx.distributed.Group):

@@ -34,12 +34,12 @@ class TensorPipeline(Pipeline):
         """Build this rank's graph for one step of `batch`; every rank builds the same
         one, so their collectives pair up. On rank 0, `ids` are the step's tokens (lazy
         ones are fine); elsewhere zeros of their shape. With `sample`, rank 0 gets
-        each row's next token; a step of one row shares the head (`TensorHead`), which
-        every rank knows from the batch alone (`share` is the pipeline's, unused)."""
+        each row's next token; a sampling step shares the head (`TensorHead`), which
+        every rank knows from the header alone (`share` is the pipeline's, unused)."""
         drafts = ids[:, 1:]
         ids = mx.distributed.all_sum(ids, group=self.transport.world)
         if self.tensor_head is not None:
-            self.tensor_head.shared = sample and ids.shape[0] == 1
+            self.tensor_head.shared = sample
         target, out = self.forward(batch, ids)
         if not sample:
             # Prefill: the caches are the output, as in mlx-lm. The scheduler reads a
