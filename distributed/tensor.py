@@ -60,8 +60,8 @@ class TensorHead(nn.Module):
     the whole head's rows; for a batch a BLAS may round them differently in the last
     bits, as it rounds a batch's rows differently from one row's (as for the
     pipeline's shared head). A step that does not sample (a prompt chunk) needs no
-    logits, and the other ranks skip the head there. `shared` is set per step, before
-    its graph is built. Other uses of the module (a tied embedding's lookup) call it as they would.
+    logits, and every rank skips the head there. `shared` is set per step, before its
+    graph is built. Other uses of the module (a tied embedding's lookup) call it as they would.
     """
 
     def __init__(self, module: nn.Module, anatomy: Anatomy, world: mx.distributed.Group):
@@ -73,11 +73,11 @@ class TensorHead(nn.Module):
         self.chunk = -(-self.vocab // world.size())
         self.start = min(self.rank * self.chunk, self.vocab)
         self.stop = min(self.start + self.chunk, self.vocab)
-        # A module that is only the head (an untied lm_head): ranks after 0 keep just
-        # their rows. `offset` is the vocabulary row this rank's copy begins at.
+        # A module that is only the head (an untied lm_head): every rank keeps just its
+        # rows. `offset` is the vocabulary row this rank's copy begins at.
         self.offset = 0
         only_head = {use.method for use in anatomy.parts[anatomy.head.path]} == {self.method}
-        if only_head and self.rank > 0:
+        if only_head:
             module = rows_of(module, self.start, self.stop)
             self.offset = self.start
         self.module = module
@@ -97,9 +97,7 @@ class TensorHead(nn.Module):
         x = args[0]
         if self.shared:
             return self._gathered(x)
-        if self.rank > 0:
-            return x  # the step's output here is the last all-reduce's
-        return getattr(self["module"], method)(x)
+        return x  # no logits: the step's output is the caches (and, after rank 0, the last all-reduce's)
 
     def _gathered(self, x: mx.array) -> mx.array:
         """All the logits, from each rank's rows (padded to one width for the gather)."""

@@ -48,7 +48,7 @@ def shard_reference(ranks: int, backend: str, models: list[Path], prompts: list[
 def expected_parameter_bytes(path: Path, rank: int, ranks: int) -> int:
     """Bytes of rank `rank`'s part of the checkpoint: 1/N of each layer's projections (their
     output rows, or input columns for o_proj and down_proj, whose bias is whole), the
-    norms, the embedding and, on rank 0, the whole untied head, elsewhere its 1/N."""
+    norms, the embedding and 1/N of the untied head's vocabulary rows."""
     tensors = {}
     for file in path.glob("*.safetensors"):
         tensors.update(mx.load(str(file)))
@@ -56,7 +56,7 @@ def expected_parameter_bytes(path: Path, rank: int, ranks: int) -> int:
     for name, value in tensors.items():
         split = name.endswith("proj.weight") or (name.endswith("proj.bias") and "o_proj" not in name
                                                    and "down_proj" not in name)
-        split = split or (name.startswith("lm_head.") and rank > 0)
+        split = split or name.startswith("lm_head.")
         total += value.nbytes // ranks if split else value.nbytes
     return total
 
