@@ -30,7 +30,8 @@ def parallel_line(parallel: dict) -> str:
     """How the ranks share the model, why, and auto's link figures when it measured."""
     line = f"parallel: {parallel.get('mode')} (PARALLEL={parallel.get('requested')}: {parallel.get('reason')}"
     if "all_reduce_us" in parallel:
-        line += f"; all-reduce {parallel['all_reduce_us']} us, {parallel.get('bandwidth_mb_s')} MB/s"
+        line += (f"; all-reduce {parallel['all_reduce_us']} us, ring trip {parallel.get('ring_trip_us')} us, "
+                 f"{parallel.get('bandwidth_mb_s')} MB/s")
     return line + ")"
 
 

@@ -176,9 +176,9 @@ def test_status_shows_the_mode_and_each_ranks_shard():
     from launcher.status import parallel_line, rank_row
 
     parallel = {"mode": "tensor", "requested": "auto", "reason": "estimated 1.0 ms a token split by tensor, "
-                "2.0 ms by pipeline", "all_reduce_us": 15.0, "bandwidth_mb_s": 3000.0}
+                "2.0 ms by pipeline", "all_reduce_us": 15.0, "ring_trip_us": 30.0, "bandwidth_mb_s": 3000.0}
     assert parallel_line(parallel) == ("parallel: tensor (PARALLEL=auto: estimated 1.0 ms a token split by tensor, "
-                                       "2.0 ms by pipeline; all-reduce 15.0 us, 3000.0 MB/s)")
+                                       "2.0 ms by pipeline; all-reduce 15.0 us, ring trip 30.0 us, 3000.0 MB/s)")
     rows = [rank_row({"rank": r, "pid": 100 + r, "layers": [0, 6], "shard": [r, 2], "memory": 2**30, "host": "h",
                       "blas": "openblas /lib"}, "local", "yes").split() for r in range(2)]
     assert rows == [["0", "local", "h", "100", "0-5", "1.0GiB", "openblas", "1/2", "yes"],
