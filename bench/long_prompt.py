@@ -17,9 +17,11 @@ default all chunk alike and the ratios show the split, not the chunking (on this
 256-token chunk is itself faster than a 2,048-token one).
 
 Target (issue 18): a >= 1,500-token prompt's TTFT <= 0.6x one machine, on every link.
+`auto-*` systems start with PARALLEL=auto, which picks its mode for the link; with
+--prefill-step-size 2048 every system runs at the shipped defaults.
 
     .venv/bin/python -m bench.long_prompt [--passes 2] [--rounds 1] [--prompt-tokens 1800]
-        [--systems one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring,pipeline-slow]
+        [--systems one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring,pipeline-slow,auto-mpi,...]
         [--prefill-step-size 256] [--pipeline-step-size 256] [--delay-ms 3] [--model DIR] [--wait-quiet 120]
 """
 
@@ -52,6 +54,9 @@ SYSTEMS: dict[str, tuple[str, int, str, str | None]] = {
     "tensor-ring": ("tensor, ring (TCP)", 2, "tensor", "ring"),
     "pipeline-slow": ("pipeline, slow link", 2, "pipeline", "slow"),
     "tensor-slow": ("tensor, slow link", 2, "tensor", "slow"),
+    "auto-mpi": ("auto, MPI", 2, "auto", "mpi"),
+    "auto-ring": ("auto, ring (TCP)", 2, "auto", "ring"),
+    "auto-slow": ("auto, slow link", 2, "auto", "slow"),
 }
 DEFAULT_SYSTEMS = "one,pipeline-mpi,tensor-mpi,pipeline-ring,tensor-ring,pipeline-slow"
 BASELINE = "one"
