@@ -23,7 +23,7 @@ class Op(IntEnum):
     TRIM = 7
 
 
-SAMPLE, SHARE_HEAD = 1, 2  # STEP flags
+SAMPLE = 1  # STEP flag
 
 _HEADER = struct.Struct("!5i")  # op, batch, seq, length, flag
 
@@ -34,8 +34,7 @@ class Header:
 
     STOP: the other ranks are released.
     START: `batch` and `seq` are new ids; the JSON payload is the sequence's work.
-    STEP: `length` tokens per row; `flag` holds SAMPLE when the step computes
-    logits, and SHARE_HEAD when rank 0 computes half of them.
+    STEP: `length` tokens per row; `flag` holds SAMPLE when the step computes logits.
     MERGE: `seq` is the batch merged into `batch`.
     PREPARE: `batch`'s rows are prefilled together next; the JSON payload says how.
     LEAVE: `seq` leaves `batch`; with `flag`, its cache is stored as entry `length`.

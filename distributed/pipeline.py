@@ -2,8 +2,8 @@
 
 A step runs one batch (one row per sequence, see `distributed.batch_table`) through
 this rank's layers; the last rank sends the batch's logits back to rank 0,
-which samples. A step of one sequence shares the head: the last rank first sends the
-head's input, and rank 0 computes half of the logits meanwhile.
+which samples. A sampling step shares the head (`SharedHead`): the last rank first
+sends the head's input, and rank 0 computes half of the logits meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import mlx.nn as nn
 from distributed.doorbell import Doorbell
 from distributed.batch_table import Batch, BatchTable
 from distributed.kv_cache import KVSettings
-from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
+from distributed.messages import SAMPLE, Header, Op
 from distributed.shard import Stage, logits_shape, sending_layer, shared_head
 from distributed.transport import StepWork, Transport
 
@@ -55,13 +55,11 @@ class Pipeline:
         """Rank 0: release the other ranks from `distributed.follower.follow`."""
         self.transport.broadcast(Header(Op.STOP))
 
-    def run(self, batch: int, ids: mx.array, sample: bool, share: bool = False) -> StepWork:
+    def run(self, batch: int, ids: mx.array, sample: bool) -> StepWork:
         """Build this stage's graph for one step of `batch` (ids: rows x tokens).
         With `sample`, the last stage computes the batch's logits: on one rank it
-        samples them, on a ring it sends them to rank 0 (only the rows after the
-        head's split when `share`, after sending the head's input)."""
-        if self.head is not None and self.stage.is_last:
-            self.head.first = self.head.split if share else 0
+        samples them, on a ring it sends them to rank 0 (with a shared head, only
+        the rows after its split, after sending the head's input)."""
         target, out = self.forward(batch, ids)
         # What a step computes is its output, which every cache update feeds. Only a
         # prefill without logits names the caches: mlx-lm's caches hand out their own
@@ -73,7 +71,7 @@ class Pipeline:
             return StepWork([self.sample(target, out, ids[:, 1:])])
         if sample:
             work = StepWork([out], self.transport.send(out))
-            if share:
+            if self.head is not None:
                 hidden = self.head.hidden
                 work = StepWork([hidden], self.transport.send(hidden), then=work)
             return work
@@ -102,7 +100,7 @@ class Pipeline:
         previous rank's output."""
         rows = len(self.table.batches[header.batch].members)
         ids = mx.zeros((rows, header.length), dtype=mx.int32)
-        work = self.run(header.batch, ids, bool(header.flag & SAMPLE), bool(header.flag & SHARE_HEAD))
+        work = self.run(header.batch, ids, bool(header.flag & SAMPLE))
         self.transport.bell.wait()  # the previous rank's output, received in the graph
         self.transport.complete(work)
 
@@ -116,20 +114,18 @@ class Pipeline:
         """Rank 0 of a ring: the last rank's acknowledgement of a prefill step (lazy)."""
         return [self.transport.receive_array((rows,), mx.int32)]
 
-    def receive_tokens(self, batch: int, share: bool, drafts: mx.array) -> list[mx.array]:
+    def receive_tokens(self, batch: int, drafts: mx.array) -> list[mx.array]:
         """Rank 0 of a ring: what a sampling step sends back, in order (lazy); the
         last is the tokens, sampled from the logits the last rank sends (one
-        position per token fed: the first, then `drafts`, see `sample`). With
-        `share`, the head's input comes first, and rank 0's half of the logits
+        position per token fed: the first, then `drafts`, see `sample`). With a
+        shared head, the head's input comes first, and rank 0's half of the logits
         from it comes before the tokens, to compute while the last rank does the rest."""
         target = self.table.batches[batch]
         rows, length, head = len(target.members), 1 + drafts.shape[1], self.head
-        start = head.split if share else 0
-        results = []
-        if share:
-            hidden = self.transport.receive_array((rows, length, head.hidden_size), head.input_dtype)
-            results.append(head.logits(hidden, 0, start))
-        logits = self.transport.receive_array((rows, length, self.vocab - start), self.logits_dtype)
-        if share:
-            logits = mx.concatenate([results[0], logits], axis=-1)
-        return results + [self.sample(target, logits, drafts)]
+        if head is None:
+            return [self.sample(target, self.transport.receive_array((rows, length, self.vocab), self.logits_dtype),
+                                drafts)]
+        hidden = self.transport.receive_array((rows, length, head.hidden_size), head.input_dtype)
+        first = head.logits(hidden, 0, head.split)
+        rest = self.transport.receive_array((rows, length, self.vocab - head.split), self.logits_dtype)
+        return [first, self.sample(target, mx.concatenate([first, rest], axis=-1), drafts)]

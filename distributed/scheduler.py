@@ -32,7 +32,7 @@ import mlx.core as mx
 from distributed.kv_cache import can_batch, can_reuse_prefixes
 from distributed.limits import Limits, RequestError
 from distributed.micro_batch import Flight, MicroBatch
-from distributed.messages import SAMPLE, SHARE_HEAD, Header, Op
+from distributed.messages import SAMPLE, Header, Op
 from distributed.pipeline import Pipeline
 from distributed.prefill import Prefill, prefill_chunk
 from distributed.prompt_cache import PromptCacheIndex
@@ -220,17 +220,14 @@ class Scheduler(Prefill):
             work, length = self._prefill_step(micro)
             sample = False
         ring = self.pipeline.results_over_ring
-        # Only where the head's output is the logits (no softcap or scale after it).
-        share = ring and sample and self.pipeline.head is not None
-        flag = (SAMPLE if sample else 0) | (SHARE_HEAD if share else 0)
-        self.transport.broadcast(Header(Op.STEP, micro.batch, length=length, flag=flag))
+        self.transport.broadcast(Header(Op.STEP, micro.batch, length=length, flag=SAMPLE if sample else 0))
         # As in mlx-lm: the device computes while the next step's graph is built.
         self.transport.start(work)
         if not ring:
             results = [work.compute[-1]]
         elif sample:
             fed_after = mx.array([drafts], mx.int32) if drafts else mx.zeros((len(micro.members), 0), mx.int32)
-            results = self.pipeline.receive_tokens(micro.batch, share, fed_after)
+            results = self.pipeline.receive_tokens(micro.batch, fed_after)
         else:
             results = self.pipeline.receive_ack(len(micro.members))
         if ring:

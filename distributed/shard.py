@@ -196,29 +196,35 @@ class StagePart(nn.Module):
 
 
 class SharedHead(StagePart):
-    """The output head on a ring, where rank 0 and the last rank share it: with one
-    sequence stepping, the ranks between would sit idle while the last one computed
-    logits over the whole vocabulary, so rank 0 computes the rows before `split`
-    while the last rank computes the rest. Only for a head whose output the model
-    returns as it is (`Anatomy.head`); other uses of the module (a tied embedding's
-    lookup) are as for any part.
+    """The output head on a ring, where rank 0 and the last rank share it: the ranks
+    between would sit idle while the last one computed logits over the whole
+    vocabulary, so for every sampling step rank 0 computes the rows before `split`
+    while the last rank computes the rest. Each keeps only its rows of the head,
+    unless it uses the module for more (rank 0's lookup in a tied embedding). Only for
+    a head whose output the model returns as it is (`Anatomy.head`); other uses of
+    the module are as for any part.
 
     In the model's forward pass it stands where the head was. On rank 0 the head
     passes its input through (the model's output there is the send to the next rank).
-    On the last rank it gives the logits of rows `first:` (set per step) and keeps its
-    input, which rank 0 needs for the rows before `first`.
+    On the last rank it gives the logits of rows `split:` and keeps its input, which
+    rank 0 needs for the rows before `split`.
     """
 
     def __init__(self, module: nn.Module, anatomy: Anatomy, phases: set[str], last: bool):
-        super().__init__(module, anatomy.parts[anatomy.head.path], phases)
-        self.method = anatomy.head.method
+        uses, method, split = anatomy.parts[anatomy.head.path], anatomy.head.method, anatomy.vocab // 2
+        offset = 0  # the vocabulary row the module held here begins at
+        if all(use.method == method or use.phase not in phases for use in uses):
+            offset, stop = (split, anatomy.vocab) if last else (0, split)
+            module = rows_of(module, offset, stop)
+        super().__init__(module, uses, phases)
+        self.method = method
         self.last = last
         self.hidden_size = anatomy.head.input_size
         self.input_dtype = anatomy.head.input_dtype
         self.logits_dtype = anatomy.logits_dtype
         self.vocab = anatomy.vocab
-        self.split = self.vocab // 2
-        self.first = 0
+        self.split = split
+        self.offset = offset
 
     def _use(self, method: str, args: tuple, kwargs: dict) -> mx.array:
         if method != self.method:
@@ -227,17 +233,24 @@ class SharedHead(StagePart):
         if not self.last:
             return x
         object.__setattr__(self, "hidden", x)
-        return self.logits(x, self.first, self.vocab)
+        return self.logits(x, self.split, self.vocab)
 
     def logits(self, x: mx.array, start: int, stop: int) -> mx.array:
-        """Logits of vocabulary rows [start, stop): each row's are the same bits as
-        the whole head's for one sequence."""
-        head = self["module"]
-        if (start, stop) != (0, self.vocab):
-            head = copy.copy(head)
-            for name, value in self["module"].parameters().items():
-                head[name] = value[start:stop]
+        """Logits of vocabulary rows [start, stop), which this rank holds: for one
+        sequence each row's are the same bits as the whole head's."""
+        head = rows_of(self["module"], start - self.offset, stop - self.offset)
         return getattr(head, self.method)(x)
+
+
+def rows_of(head: nn.Module, start: int, stop: int) -> nn.Module:
+    """A copy of `head` (linear, embedding, or their quantized kinds) with only
+    vocabulary rows [start, stop); its parameters are slices of the original's."""
+    if (start, stop) == (0, head.weight.shape[0]):
+        return head
+    part = copy.copy(head)
+    for name, value in head.parameters().items():
+        part[name] = value[start:stop]
+    return part
 
 
 def shares_head(anatomy: Anatomy, stage: Stage) -> bool:

@@ -10,7 +10,6 @@ the output head is `TensorHead`.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ import mlx.nn as nn
 
 from distributed.anatomy import Anatomy, get_path, set_path
 from distributed.loading import anatomy_of, check_checkpoint, load_lazily, materialize, parameter_bytes
-from distributed.shard import Stage, mark_stage
+from distributed.shard import Stage, mark_stage, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +109,6 @@ class TensorHead(nn.Module):
         parts = mx.distributed.all_gather(part, group=self.world)  # rank by rank, along axis 0
         parts = parts.reshape(size, *part.shape)
         return mx.moveaxis(parts, 0, -2).reshape(*part.shape[:-1], size * self.chunk)[..., : self.vocab]
-
-
-def rows_of(head: nn.Module, start: int, stop: int) -> nn.Module:
-    """A copy of `head` (linear, embedding, or their quantized kinds) with only
-    vocabulary rows [start, stop); its parameters are slices of the original's."""
-    if (start, stop) == (0, head.weight.shape[0]):
-        return head
-    part = copy.copy(head)
-    for name, value in head.parameters().items():
-        part[name] = value[start:stop]
-    return part
 
 
 def tensor_head(model: nn.Module) -> Optional[TensorHead]:

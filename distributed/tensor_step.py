@@ -30,12 +30,12 @@ class TensorPipeline(Pipeline):
     def results_over_ring(self) -> bool:
         return False  # rank 0 computes the logits itself
 
-    def run(self, batch: int, ids: mx.array, sample: bool, share: bool = False) -> StepWork:
+    def run(self, batch: int, ids: mx.array, sample: bool) -> StepWork:
         """Build this rank's graph for one step of `batch`; every rank builds the same
         one, so their collectives pair up. On rank 0, `ids` are the step's tokens (lazy
         ones are fine); elsewhere zeros of their shape. With `sample`, rank 0 gets
         each row's next token; a sampling step shares the head (`TensorHead`), which
-        every rank knows from the header alone (`share` is the pipeline's, unused)."""
+        every rank knows from the header alone."""
         drafts = ids[:, 1:]
         ids = mx.distributed.all_sum(ids, group=self.transport.world)
         if self.tensor_head is not None:

@@ -12,7 +12,7 @@ from conftest import (
 )
 from models.tiny import ARCHITECTURES
 
-from distributed.anatomy import AFTER, discover, get_path
+from distributed.anatomy import AFTER, BEFORE, discover, get_path
 from distributed.loading import plan_anatomy, stage_weight_files
 from distributed.shard import SharedHead, Stage
 
@@ -70,7 +70,9 @@ def test_memory_split(tiny_models):
 
 
 def expected_parameter_bytes(path: Path, start: int, end: int, first: bool, last: bool) -> int:
-    """Bytes of the checkpoint tensors a stage should hold."""
+    """Bytes of the checkpoint tensors a stage of a ring should hold: rank 0 and the
+    last rank share the head, each holding its half of the vocabulary's rows (rank 0
+    a tied embedding whole, for its lookup)."""
     import mlx.core as mx
 
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -78,18 +80,20 @@ def expected_parameter_bytes(path: Path, start: int, end: int, first: bool, last
     for file in set(index.values()):
         tensors.update(mx.load(str(path / file)))
     tied = "lm_head.weight" not in tensors
+    head = "model.embed_tokens." if tied else "lm_head."
     total = 0
     for name, value in tensors.items():
         parts = name.split(".")
+        split = value.shape[0] // 2
         if "layers" in parts:
-            keep = start <= int(parts[parts.index("layers") + 1]) < end
+            kept = value if start <= int(parts[parts.index("layers") + 1]) < end else value[:0]
+        elif name.startswith(head):
+            kept = value if first and tied else value[:split] if first else value[split:] if last else value[:0]
         elif "embed_tokens" in name:
-            keep = first or (last and tied)
-        elif name.startswith("lm_head."):  # on a ring, rank 0 shares the head
-            keep = first or last
+            kept = value if first else value[:0]
         else:  # final norm
-            keep = last
-        total += value.nbytes if keep else 0
+            kept = value if last else value[:0]
+        total += kept.nbytes
     return total
 
 
@@ -124,17 +128,23 @@ def test_stage_weight_files_give_rank_0_of_a_ring_an_untied_head(tiny_models):
 @pytest.mark.parametrize("which", ["qwen2", "qwen3", "default"])
 def test_a_shared_heads_halves_are_the_whole_heads_logits(tiny_models, default_model, which):
     """For one sequence, rank 0 and the last rank each compute half of the vocabulary's
-    logits; joined, they are the bits of the whole head (tied, untied, quantized)."""
+    logits; joined, they are the bits of the whole head (tied, untied, quantized). Each
+    holds only its half of the head's rows, but rank 0 a tied embedding whole (its lookup)."""
     from mlx_lm import load
 
     model, _ = load(str(default_model if which == "default" else tiny_models[which]))
     x = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(0))
-    whole = model.lm_head(x) if "lm_head" in model else model.model.embed_tokens.as_linear(x)
+    tied = "lm_head" not in model
+    whole = model.model.embed_tokens.as_linear(x) if tied else model.lm_head(x)
     anatomy = discover(model)
-    head = SharedHead(get_path(model, anatomy.head.path), anatomy, {AFTER}, last=True)
-    halves = [head.logits(x, 0, head.split), head.logits(x, head.split, head.vocab)]
-    assert [h.shape[-1] for h in halves] == [head.split, head.vocab - head.split]
+    module = get_path(model, anatomy.head.path)
+    first = SharedHead(module, anatomy, {BEFORE}, last=False)
+    last = SharedHead(module, anatomy, {AFTER}, last=True)
+    halves = [first.logits(x, 0, first.split), getattr(last, last.method)(x)]  # the forward pass's call
+    assert [h.shape[-1] for h in halves] == [first.split, first.vocab - first.split]
     assert mx.array_equal(mx.concatenate(halves, axis=-1), whole).item()
+    rows = [first["module"].weight.shape[0], last["module"].weight.shape[0]]
+    assert rows == [first.vocab if tied else first.split, first.vocab - first.split]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
