@@ -211,13 +211,13 @@ class SharedHead(StagePart):
     """
 
     def __init__(self, module: nn.Module, anatomy: Anatomy, phases: set[str], last: bool):
-        uses, method, split = anatomy.parts[anatomy.head.path], anatomy.head.method, anatomy.vocab // 2
+        split = anatomy.vocab // 2
         offset = 0  # the vocabulary row the module held here begins at
-        if all(use.method == method or use.phase not in phases for use in uses):
+        if head_alone(anatomy, phases):
             offset, stop = (split, anatomy.vocab) if last else (0, split)
             module = rows_of(module, offset, stop)
-        super().__init__(module, uses, phases)
-        self.method = method
+        super().__init__(module, anatomy.parts[anatomy.head.path], phases)
+        self.method = anatomy.head.method
         self.last = last
         self.hidden_size = anatomy.head.input_size
         self.input_dtype = anatomy.head.input_dtype
@@ -240,6 +240,14 @@ class SharedHead(StagePart):
         sequence each row's are the same bits as the whole head's."""
         head = rows_of(self["module"], start - self.offset, stop - self.offset)
         return getattr(head, self.method)(x)
+
+
+def head_alone(anatomy: Anatomy, phases: set[str]) -> bool:
+    """Whether a stage running the parts of `phases` uses the head's module for the
+    head alone (not for a tied embedding's lookup too): it may then keep only the
+    vocabulary rows it computes (`rows_of`)."""
+    method = anatomy.head.method
+    return all(use.method == method or use.phase not in phases for use in anatomy.parts[anatomy.head.path])
 
 
 def rows_of(head: nn.Module, start: int, stop: int) -> nn.Module:

@@ -17,9 +17,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from distributed.anatomy import Anatomy, get_path, set_path
+from distributed.anatomy import AFTER, BEFORE, Anatomy, get_path, set_path
 from distributed.loading import anatomy_of, check_checkpoint, load_lazily, materialize, parameter_bytes
-from distributed.shard import Stage, mark_stage, rows_of
+from distributed.shard import Stage, head_alone, mark_stage, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class TensorHead(nn.Module):
         # A module that is only the head (an untied lm_head): every rank keeps just its
         # rows. `offset` is the vocabulary row this rank's copy begins at.
         self.offset = 0
-        only_head = {use.method for use in anatomy.parts[anatomy.head.path]} == {self.method}
-        if only_head:
+        if head_alone(anatomy, {BEFORE, AFTER}):  # every rank runs every part
             module = rows_of(module, self.start, self.stop)
             self.offset = self.start
         self.module = module
