@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     # ring's modules import MLX.
     use_blas(settings.fast_blas)
     from distributed.rank import run_rank
+    from distributed.world import release_groups
 
-    return run_rank(settings, args)
+    try:
+        return run_rank(settings, args)
+    finally:
+        release_groups()
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # pipeline: each rank holds whole layers; tensor: each holds 1/N of every layer;
     # auto: whichever a measurement of the link and the model at start says is faster
     parallel: Literal["pipeline", "tensor", "auto"] = "auto"
+    # Pipeline stages of this many ranks each, tensor parallel within a stage; 0: unset
+    tensor_parallel: int = Field(0, ge=0)
     layer_split: str = "even"
     micro_batches: int = Field(0, ge=0)
 

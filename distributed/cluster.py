@@ -18,7 +18,7 @@ from distributed.kv_cache import (
 )
 from distributed.loading import load_stage, load_stage_tokenizer, local_model_path, parameter_bytes, plan_model
 from distributed.limits import Limits
-from distributed.parallel import ParallelChoice, choose_parallel, log_choice
+from distributed.parallel import ParallelChoice, choose_parallel, log_choice, stage_group
 from distributed.pipeline import Pipeline
 from distributed.scheduler import Scheduler
 from distributed.shard import NO_HOPS, Stage, attach_hops, ring_hops
@@ -59,26 +59,27 @@ def kv_settings(settings: Settings) -> KVSettings:
     )
 
 
-def micro_batches(settings: Settings, ranks: list[dict], tensor: bool = False) -> int:
-    """MICRO_BATCHES, or one per machine: ranks on one machine share its cores. Split
-    by tensor, always one: every rank works on every step, and a step reads every
-    weight once however many sequences it holds, so two would only halve the batch."""
-    if tensor:
-        return 1
+def micro_batches(settings: Settings, ranks: list[dict], stage: Stage) -> int:
+    """MICRO_BATCHES, or one per machine: ranks on one machine share its cores; at most
+    one per stage. Stages of several ranks (tensor parallel within): one per stage,
+    since every rank of a stage works on each of its steps, and a step reads every
+    weight once however many sequences it holds (tensor mode: always one)."""
+    if stage.group_size > 1:
+        return min(settings.micro_batches or stage.stages, stage.stages)
     return min(settings.micro_batches or len({r["host"] for r in ranks}), len(ranks))
 
 
 def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, stage: Stage,
-                 world: Optional[mx.distributed.Group] = None) -> tuple:
+                 world: mx.distributed.Group, group: mx.distributed.Group) -> tuple:
     """This rank's stage, loaded and checked off the ring: the model, its config, its
     caches' footprint, and why sequences cannot share batches here (None if they can).
-    With `world`, 1/N of every layer instead (tensor parallelism): every rank must have
-    loaded its part before the checks, whose steps then all-reduce. ValueError if the
-    stage cannot run as set."""
-    if world is None:
+    In a stage of several ranks (`group`), its part of each layer (tensor parallelism):
+    every rank must have loaded its part before the checks, whose steps then
+    all-reduce. ValueError if the stage cannot run as set."""
+    if stage.group_size == 1:
         model, config, _ = load_stage(model_ref, stage, NO_HOPS, path, plan)
     else:
-        model, config = agreed(world, load_tensor, model_ref, world, path)
+        model, config = agreed(world, load_tensor, model_ref, stage, group, path, plan)
     kv = kv_settings(settings)
     failed = check_kv_bits(model, stage.start, stage.end, kv)
     if failed:
@@ -113,23 +114,26 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     path = local_model_path(model_ref)
     plan, layer_bytes = plan_model(path)
     records = all_gather_json(world, rank_record(rank))
-    parallel = choose_parallel(settings.parallel, world, model_ref, path, plan)
+    parallel = choose_parallel(settings.parallel, world, model_ref, path, plan, settings.tensor_parallel)
     log_choice(parallel)
-    tensor = parallel.mode == "tensor"
-    if tensor:
-        stage = Stage(rank, size, 0, plan.count)
-        log.info("loading part %d of %d of each of %d layers from %s", rank + 1, size, plan.count, model_ref)
-    else:
-        bounds = plan_split(settings.layer_split, layer_bytes, [r["memory"] for r in records])
-        stage = Stage(rank, size, *bounds[rank])
-        log.info("loading layers %d-%d of %d from %s", stage.start, stage.end - 1, plan.count, model_ref)
+    per_stage = parallel.group_size
+    group = stage_group(world, per_stage)
+    # A stage holds 1/per_stage of its layers on each of its ranks: its memory is its
+    # smallest rank's, per_stage times.
+    memory = [r["memory"] for r in records]
+    stage_memory = [per_stage * min(memory[s : s + per_stage]) for s in range(0, size, per_stage)]
+    bounds = [(0, plan.count)]
+    if len(stage_memory) > 1:
+        bounds = plan_split(settings.layer_split, layer_bytes, stage_memory, "ranks" if per_stage == 1 else "stages")
+    stage = Stage(rank, size, *bounds[rank // per_stage], per_stage)
+    log.info("loading part %d of %d of each of layers %d-%d of %d from %s", stage.member + 1, per_stage,
+             stage.start, stage.end - 1, plan.count, model_ref)
     # "shard": this rank's part of each of its layers, [index, parts]; [0, 1] in a pipeline.
-    record = rank_record(rank) | {"layers": [stage.start, stage.end], "shard": [rank, size] if tensor else [0, 1]}
+    record = rank_record(rank) | {"layers": [stage.start, stage.end], "shard": [stage.member, per_stage]}
     failure: Optional[ValueError] = None
     tokenizer = speculation = None
     try:
-        model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage,
-                                                          world if tensor else None)
+        model, config, footprint, batching = load_checked(settings, model_ref, path, plan, stage, world, group)
         record |= {"parameter_bytes": parameter_bytes(model), "kv_footprint": footprint.to_json(),
                    "batching_refusal": batching and batching[:ERROR_CHARS]}
         if stage.is_first:
@@ -146,7 +150,7 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     for r in ranks:
         if "error" in r:
             raise failure or ValueError(f"rank {r['rank']}: {r['error']}")
-    attach_hops(model, ring_hops(stage, world))
+    attach_hops(model, ring_hops(stage, world, group))
     bell = None
     if listener is not None:
         peer = stage.next_rank
@@ -157,7 +161,10 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
     # Batching is off ring-wide where any rank's check refused it: rank 0 groups for all.
     refuse_batching(model, next((r["batching_refusal"] for r in ranks if r["batching_refusal"]), None))
     kv = kv_settings(settings)
-    pipeline = (TensorPipeline if tensor else Pipeline)(model, stage, world, kv, bell)
+    if per_stage > 1:
+        pipeline = TensorPipeline(model, stage, world, kv, bell, group=group)
+    else:
+        pipeline = Pipeline(model, stage, world, kv, bell)
     scheduler = None
     if stage.is_first:
         for what, why in (("batching", batching_refusal(model, kv)), ("prompt cache", prefix_refusal(model, kv))):
@@ -166,7 +173,7 @@ def start_cluster(settings: Settings, world: mx.distributed.Group) -> Cluster:
         largest = max(f.per_token for f in footprints)
         prompt_cache_tokens = tokens_capacity(settings.prompt_cache_mb * 2**20, largest)
         scheduler = Scheduler(
-            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, tensor),
+            pipeline, limits, settings.prefill_step_size, prompt_cache_tokens, micro_batches(settings, ranks, stage),
             settings.pipeline_prefill_step_size, frozenset(tokenizer.eos_token_ids), vocab_size(config),
             Grammars(tokenizer, vocab_size(config)), speculation,
         )

@@ -95,7 +95,7 @@ def stage_weight_files(weight_map: dict[str, str], stage: Stage, anatomy: Anatom
             needed = stage.start <= int(match.group(1)) < stage.end
         else:
             part = _part_of(name, anatomy.parts)
-            needed = part in kept if part is not None else stage.is_first or stage.is_last
+            needed = part in kept if part is not None else stage.in_first_stage or stage.in_last_stage
         if needed:
             files.add(file)
     return files

@@ -58,21 +58,28 @@ CONTEXT = 32  # tokens in the timed layer's cache, as a short conversation has
 class ParallelChoice:
     """The mode the ranks run in, why, and auto's figures (for the log and /health)."""
 
-    mode: str  # "pipeline" or "tensor"
+    mode: str  # "pipeline", "tensor" or "hybrid" (stages of TENSOR_PARALLEL ranks)
     requested: str  # PARALLEL
     reason: str
     figures: dict = field(default_factory=dict)
+    group_size: int = 1  # ranks per pipeline stage, each holding 1/group_size of its layers
 
     def record(self) -> dict:
-        return {"mode": self.mode, "requested": self.requested, "reason": self.reason} | self.figures
+        record = {"mode": self.mode, "requested": self.requested, "reason": self.reason} | self.figures
+        if self.mode == "hybrid":
+            record["tensor_parallel"] = self.group_size
+        return record
 
 
 def choose_parallel(
-    requested: str, world: mx.distributed.Group, model: str, path: Path, anatomy: Anatomy
+    requested: str, world: mx.distributed.Group, model: str, path: Path, anatomy: Anatomy, tensor_parallel: int = 0
 ) -> ParallelChoice:
     """Collective: every rank calls it with the same settings and gets the same choice.
-    `anatomy`: the model's, from its config (`distributed.loading.plan_model`)."""
+    `anatomy`: the model's, from its config (`distributed.loading.plan_model`);
+    `tensor_parallel`: TENSOR_PARALLEL (0: unset)."""
     size = world.size()
+    if tensor_parallel:
+        return fixed_groups(requested, size, tensor_parallel, path)
     if size == 1:
         return ParallelChoice("pipeline", requested, "one rank: nothing to split")
     if requested == "pipeline":
@@ -82,14 +89,46 @@ def choose_parallel(
     if requested == "tensor":
         if problem is not None:
             raise ValueError(f"PARALLEL=tensor: {problem}; use PARALLEL=pipeline or auto")
-        return ParallelChoice("tensor", requested, "PARALLEL=tensor")
+        return ParallelChoice("tensor", requested, "PARALLEL=tensor", group_size=size)
     if problem is not None:
         return ParallelChoice("pipeline", requested, f"the model cannot be split by tensor: {problem}")
     figures = measure(world, skeleton, anatomy, model, path)
     tensor, pipeline = figures["token_ms"]["tensor"], figures["token_ms"]["pipeline"]
     mode = "tensor" if tensor < pipeline else "pipeline"
     reason = f"estimated {tensor:.1f} ms a token split by tensor, {pipeline:.1f} ms by pipeline"
-    return ParallelChoice(mode, requested, reason, figures)
+    return ParallelChoice(mode, requested, reason, figures, size if mode == "tensor" else 1)
+
+
+def fixed_groups(requested: str, size: int, group_size: int, path: Path) -> ParallelChoice:
+    """TENSOR_PARALLEL=T: pipeline stages of T ranks, tensor parallel within each (one
+    stage of all ranks is tensor mode, stages of one rank the pipeline)."""
+    if size % group_size:
+        raise ValueError(f"TENSOR_PARALLEL={group_size} does not divide the {size} ranks into equal stages")
+    if group_size > 1 and requested == "pipeline":
+        raise ValueError(f"TENSOR_PARALLEL={group_size} splits layers among ranks, which PARALLEL=pipeline does "
+                         "not; set PARALLEL=auto or tensor, or leave TENSOR_PARALLEL unset")
+    reason = f"TENSOR_PARALLEL={group_size}: {size // group_size} stages of {group_size} ranks"
+    if group_size == 1:
+        return ParallelChoice("pipeline", requested, reason)
+    skeleton, _ = load_model(path, lazy=True, strict=False)
+    problem = shard_problem(skeleton, group_size)
+    if problem is not None:
+        raise ValueError(f"TENSOR_PARALLEL={group_size}: {problem}; use PARALLEL=pipeline")
+    return ParallelChoice("tensor" if group_size == size else "hybrid", requested, reason, group_size=group_size)
+
+
+def stage_group(world: mx.distributed.Group, group_size: int) -> mx.distributed.Group:
+    """The ranks of this rank's stage: the world, or consecutive ranks of `group_size`
+    split from it, which only some backends can do (MPI; not MLX's ring backend)."""
+    if group_size in (1, world.size()):
+        return world
+    rank = world.rank()
+    try:
+        return world.split(rank // group_size, rank % group_size)
+    except RuntimeError as err:
+        why = (f"TENSOR_PARALLEL={group_size} needs a backend that splits the ranks into groups, such as MPI "
+               f"(BACKEND=mpi), but this one cannot ({err}); use PARALLEL=tensor or pipeline")
+    raise ValueError(why)
 
 
 def measure(world: mx.distributed.Group, skeleton: nn.Module, anatomy: Anatomy, model: str, path: Path) -> dict:

@@ -44,7 +44,7 @@ class Pipeline:
     def results_over_ring(self) -> bool:
         """Whether a step's results come back to rank 0 around the ring (more than
         one stage), rather than computed on rank 0 itself."""
-        return self.stage.size > 1
+        return self.stage.stages > 1
 
     def tell(self, header: Header, payload: bytes = b"") -> None:
         """Rank 0: a change to the table, made on every rank in the same order."""
@@ -57,30 +57,36 @@ class Pipeline:
 
     def run(self, batch: int, ids: mx.array, sample: bool) -> StepWork:
         """Build this stage's graph for one step of `batch` (ids: rows x tokens).
-        With `sample`, the last stage computes the batch's logits: on one rank it
-        samples them, on a ring it sends them to rank 0 (with a shared head, only
-        the rows after its split, after sending the head's input)."""
+        With `sample`, the last stage computes the batch's logits: on one stage rank 0
+        samples them, on a ring the last rank sends them to rank 0 (with a shared
+        head, only the rows after its split, after sending the head's input)."""
+        drafts = ids[:, 1:]
         target, out = self.forward(batch, ids)
         # What a step computes is its output, which every cache update feeds. Only a
         # prefill without logits names the caches: mlx-lm's caches hand out their own
         # arrays as `state`, and the next step's update rewrites those in place, so
         # a step started in the background must not name them.
-        if not self.stage.is_last:
-            return StepWork([sending_layer(self.model).sending], out)
-        if sample and self.stage.size == 1:
-            return StepWork([self.sample(target, out, ids[:, 1:])])
-        if sample:
-            work = StepWork([out], self.transport.send(out))
-            if self.head is not None:
-                hidden = self.head.hidden
-                work = StepWork([hidden], self.transport.send(hidden), then=work)
+        if not self.stage.in_last_stage:
+            if self.stage.sends_hidden:
+                return StepWork([sending_layer(self.model).sending], out)
+            return StepWork([out])  # a rank whose stage's output another rank sends
+        if not sample:
+            # Prefill: like mlx-lm, skip the logits nobody reads; on a ring an
+            # acknowledgement still goes back, so rank 0 never has more steps in
+            # flight than stages. Without one, zeros stand in for a step's tokens.
+            ack = mx.zeros((ids.shape[0],), dtype=mx.int32)
+            work = StepWork([target.cache.state, ack])
+            if self.results_over_ring and self.stage.is_last:
+                work.send = self.transport.send(ack)
             return work
-        # Prefill: like mlx-lm, skip the logits nobody reads; an acknowledgement
-        # still goes back, so rank 0 never has more steps in flight than ranks.
-        ack = mx.zeros((ids.shape[0],), dtype=mx.int32)
-        work = StepWork([target.cache.state, ack])
-        if self.stage.size > 1:
-            work.send = self.transport.send(ack)
+        if not self.results_over_ring and self.stage.is_first:
+            return StepWork([self.sample(target, out, drafts)])
+        if not (self.results_over_ring and self.stage.is_last):
+            return StepWork([out])  # the logits' all-gather, on the other ranks of a last stage
+        work = StepWork([out], self.transport.send(out))
+        if self.head is not None:
+            hidden = self.head.hidden
+            work = StepWork([hidden], self.transport.send(hidden), then=work)
         return work
 
     def forward(self, batch: int, ids: mx.array) -> tuple[Batch, mx.array]:
@@ -97,11 +103,14 @@ class Pipeline:
     def follow_step(self, header: Header) -> None:
         """Ranks after rank 0: run a step on this stage. Rank 0 sends no token ids
         past itself, so the ids are stand-ins of the right shape; the input is the
-        previous rank's output."""
+        previous rank's output (in a stage of several ranks, shared by the first)."""
         rows = len(self.table.batches[header.batch].members)
         ids = mx.zeros((rows, header.length), dtype=mx.int32)
         work = self.run(header.batch, ids, bool(header.flag & SAMPLE))
-        self.transport.bell.wait()  # the previous rank's output, received in the graph
+        if not self.stage.in_first_stage:
+            self.transport.bell.wait()  # the previous stage's output, received in the graph
+            if self.stage.wakes_next:
+                self.transport.bell.ring()
         self.transport.complete(work)
 
     def sample(self, target: Batch, logits: mx.array, drafts: mx.array) -> mx.array:

@@ -23,20 +23,67 @@ from distributed.kv_cache import Shadow
 
 @dataclass(frozen=True)
 class Stage:
-    """Where a rank sits in the pipeline: its layer range and ring neighbours."""
+    """Where a rank sits: its layer range, its ring neighbours and its pipeline stage.
+
+    With TENSOR_PARALLEL=T (`group_size`), consecutive ranks form stages of T that each
+    hold 1/T of the stage's layers: the stage's last rank hands its hidden state to the
+    next stage's first, its ring neighbour, which shares it with the rest of its stage.
+    A pipeline has stages of one rank, tensor mode one stage of all."""
 
     rank: int
     size: int
     start: int
     end: int
+    group_size: int = 1
 
     @property
     def is_first(self) -> bool:
+        """Rank 0, which schedules and samples."""
         return self.rank == 0
 
     @property
     def is_last(self) -> bool:
+        """The ring's last rank, which sends a step's results to rank 0."""
         return self.rank == self.size - 1
+
+    @property
+    def stages(self) -> int:
+        return self.size // self.group_size
+
+    @property
+    def index(self) -> int:
+        """This rank's stage, in pipeline order."""
+        return self.rank // self.group_size
+
+    @property
+    def member(self) -> int:
+        """This rank's place in its stage (its part of each layer)."""
+        return self.rank % self.group_size
+
+    @property
+    def in_first_stage(self) -> bool:
+        return self.index == 0
+
+    @property
+    def in_last_stage(self) -> bool:
+        return self.index == self.stages - 1
+
+    @property
+    def receives(self) -> bool:
+        """Whether this rank receives its stage's input from the previous rank."""
+        return not self.in_first_stage and self.member == 0
+
+    @property
+    def wakes_next(self) -> bool:
+        """Whether this rank, woken for a step's input (a later stage's ranks before
+        its last), wakes the next rank of its stage in turn, which would otherwise
+        wait for the input in the all-reduce that shares it, busy-polling a core."""
+        return not self.in_first_stage and self.member < self.group_size - 1
+
+    @property
+    def sends_hidden(self) -> bool:
+        """Whether this rank sends its stage's output to the next rank."""
+        return not self.in_last_stage and self.member == self.group_size - 1
 
     @property
     def prev_rank(self) -> int:
@@ -50,7 +97,7 @@ class Stage:
     def phases(self) -> set[str]:
         """What this stage runs besides its layers: the parts before them on the first
         stage, those after them on the last."""
-        return {phase for phase, runs in ((BEFORE, self.is_first), (AFTER, self.is_last)) if runs}
+        return {phase for phase, runs in ((BEFORE, self.in_first_stage), (AFTER, self.in_last_stage)) if runs}
 
 
 @dataclass(frozen=True)
@@ -62,12 +109,24 @@ class Hops:
     send: Callable[[mx.array], mx.array]
 
 
-def ring_hops(stage: Stage, world: mx.distributed.Group) -> Hops:
-    """MLX point-to-point to the ring neighbours, which MLX's ring backend requires."""
-    return Hops(
-        lambda like: mx.distributed.recv_like(like, stage.prev_rank, group=world),
-        lambda x: mx.distributed.send(x, stage.next_rank, group=world),
-    )
+def ring_hops(stage: Stage, world: mx.distributed.Group, group: mx.distributed.Group) -> Hops:
+    """MLX point-to-point to the ring neighbours, which MLX's ring backend requires.
+    Within stages of several ranks (`group`, this rank's stage), only the stage's ends
+    hop; the first rank's input reaches the others by an all-reduce (theirs are zeros)."""
+    if stage.group_size == 1:
+        return Hops(
+            lambda like: mx.distributed.recv_like(like, stage.prev_rank, group=world),
+            lambda x: mx.distributed.send(x, stage.next_rank, group=world),
+        )
+
+    def receive(like: mx.array) -> mx.array:
+        own = mx.distributed.recv_like(like, stage.prev_rank, group=world) if stage.receives else mx.zeros_like(like)
+        return mx.distributed.all_sum(own, group=group)
+
+    def send(x: mx.array) -> mx.array:
+        return mx.distributed.send(x, stage.next_rank, group=world) if stage.sends_hidden else x
+
+    return Hops(receive, send)
 
 
 # No ring: a stage computes on its own input, for checks at start that evaluate it.
@@ -263,7 +322,7 @@ def rows_of(head: nn.Module, start: int, stop: int) -> nn.Module:
 
 def shares_head(anatomy: Anatomy, stage: Stage) -> bool:
     """Whether rank 0 and the last rank share the head (see `SharedHead`)."""
-    return anatomy.head is not None and stage.size > 1 and (stage.is_first or stage.is_last)
+    return anatomy.head is not None and stage.group_size == 1 and stage.size > 1 and (stage.is_first or stage.is_last)
 
 
 def kept_parts(anatomy: Anatomy, stage: Stage) -> set[str]:
@@ -281,9 +340,9 @@ def prune_to_stage(model: nn.Module, anatomy: Anatomy, stage: Stage, hops: Hops)
     for i in range(len(layers)):
         if not stage.start <= i < stage.end:
             layers[i] = SkippedLayer(layers[i])
-    if not stage.is_first:
+    if not stage.in_first_stage:
         layers[stage.start] = ReceiveHidden(layers[stage.start], hops)
-    if not stage.is_last:
+    if not stage.in_last_stage:
         layers[stage.end - 1] = SendHidden(layers[stage.end - 1], hops)
     mark_stage(model, anatomy, stage)
     kept = kept_parts(anatomy, stage)

@@ -51,35 +51,36 @@ def balanced_split(weights: list[int], shares: list[float]) -> list[int]:
     return counts + [len(weights) - start]
 
 
-def explicit_split(spec: str, num_layers: int, ranks: int) -> list[int]:
+def explicit_split(spec: str, num_layers: int, ranks: int, unit: str = "ranks") -> list[int]:
     counts = [int(p) for p in spec.split(",")]
     if len(counts) != ranks:
         raise ValueError(
-            f"LAYER_SPLIT={spec!r} has {len(counts)} entries but the cluster has {ranks} ranks"
+            f"LAYER_SPLIT={spec!r} has {len(counts)} entries but the cluster has {ranks} {unit}"
         )
     if any(c < 1 for c in counts) or sum(counts) != num_layers:
         raise ValueError(
-            f"LAYER_SPLIT={spec!r} must give each rank >= 1 layer and sum to the "
+            f"LAYER_SPLIT={spec!r} must give each of the {unit} >= 1 layer and sum to the "
             f"model's {num_layers} layers (sums to {sum(counts)})"
         )
     return counts
 
 
-def plan_split(spec: str, layer_bytes: list[int], memory: list[int]) -> list[tuple[int, int]]:
-    """Layer range [start, end) per rank for LAYER_SPLIT `spec`: 'even' (equal bytes of
-    layers), 'memory' (bytes in proportion to each rank's available memory) or '10,20'."""
+def plan_split(spec: str, layer_bytes: list[int], memory: list[int], unit: str = "ranks") -> list[tuple[int, int]]:
+    """Layer range [start, end) per rank (or per stage, `unit`) for LAYER_SPLIT `spec`:
+    'even' (equal bytes of layers), 'memory' (bytes in proportion to each one's
+    available memory) or '10,20'."""
     ranks, num_layers = len(memory), len(layer_bytes)
     if ranks > num_layers:
         raise ValueError(
-            f"the cluster has {ranks} ranks but the model has only {num_layers} layers; "
-            "use at most one rank per layer"
+            f"the cluster has {ranks} {unit} but the model has only {num_layers} layers; "
+            f"use at most one of the {unit} per layer"
         )
     if spec == "even":
         counts = balanced_split(layer_bytes, [1.0] * ranks)
     elif spec == "memory":
         counts = balanced_split(layer_bytes, [max(m, 1) / max(memory) for m in memory])
     else:
-        counts = explicit_split(spec, num_layers, ranks)
+        counts = explicit_split(spec, num_layers, ranks, unit)
     bounds = []
     start = 0
     for c in counts:

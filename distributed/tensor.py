@@ -1,11 +1,12 @@
-"""Load a model for tensor parallelism: every rank holds 1/N of every layer.
+"""Load a model for tensor parallelism: every rank holds 1/N of every layer, or with
+TENSOR_PARALLEL=T, 1/T of every layer of its pipeline stage of T ranks.
 
 mlx-lm's own `model.shard(group)` splits each layer's attention heads and MLP
-columns (experts, for the mixture-of-experts models that define it) among the ranks,
-with mlx's all-to-sharded and sharded-to-all linear layers, so the model's forward
-pass runs unchanged on every rank and its all-reduces give every rank the same hidden
-state. The parts around the layers (embedding, final norm) stay whole on every rank;
-the output head is `TensorHead`.
+columns (experts, for the mixture-of-experts models that define it) among the ranks
+of the group, with mlx's all-to-sharded and sharded-to-all linear layers, so the
+model's forward pass runs unchanged on every rank and its all-reduces give every rank
+of the group the same hidden state. The parts around the layers (embedding, final
+norm) stay whole on every rank that runs them; the output head is `TensorHead`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from distributed.anatomy import AFTER, BEFORE, Anatomy, get_path, set_path
-from distributed.loading import anatomy_of, check_checkpoint, load_lazily, materialize, parameter_bytes
-from distributed.shard import Stage, head_alone, mark_stage, rows_of
+from distributed.anatomy import Anatomy, get_path, set_path
+from distributed.loading import (
+    anatomy_of, check_checkpoint, fetch_stage_weights, load_lazily, materialize, parameter_bytes,
+)
+from distributed.shard import NO_HOPS, Stage, head_alone, mark_stage, prune_to_stage, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +43,6 @@ def shard_problem(model: nn.Module, ranks: int) -> Optional[str]:
     return None
 
 
-def fetch_all_weights(model: str) -> None:
-    """For a hub repo, download every weight file: each rank holds part of every layer."""
-    if Path(model).exists():
-        return
-    from huggingface_hub import snapshot_download
-
-    snapshot_download(model, allow_patterns=["model*.safetensors"])
-
-
 class TensorHead(nn.Module):
     """The output head of a tensor-parallel model, where its output is the logits
     (`Anatomy.head`), standing where the head was.
@@ -63,19 +57,20 @@ class TensorHead(nn.Module):
     graph is built. Other uses of the module (a tied embedding's lookup) call it as they would.
     """
 
-    def __init__(self, module: nn.Module, anatomy: Anatomy, world: mx.distributed.Group):
+    def __init__(self, module: nn.Module, anatomy: Anatomy, group: mx.distributed.Group, phases: set[str]):
         super().__init__()
-        self.world = world
-        self.rank = world.rank()
+        self.group = group
+        self.rank = group.rank()
         self.method = anatomy.head.method
         self.vocab = anatomy.vocab
-        self.chunk = -(-self.vocab // world.size())
+        self.chunk = -(-self.vocab // group.size())
         self.start = min(self.rank * self.chunk, self.vocab)
         self.stop = min(self.start + self.chunk, self.vocab)
-        # A module that is only the head (an untied lm_head): every rank keeps just its
-        # rows. `offset` is the vocabulary row this rank's copy begins at.
+        # A module this stage uses as the head alone (an untied lm_head; a tied
+        # embedding on a last stage that is not also the first): every rank keeps just
+        # its rows. `offset` is the vocabulary row this rank's copy begins at.
         self.offset = 0
-        if head_alone(anatomy, {BEFORE, AFTER}):  # every rank runs every part
+        if head_alone(anatomy, phases):
             module = rows_of(module, self.start, self.stop)
             self.offset = self.start
         self.module = module
@@ -104,8 +99,8 @@ class TensorHead(nn.Module):
         if self.stop - self.start < self.chunk:
             pad = [(0, 0)] * (part.ndim - 1) + [(0, self.chunk - (self.stop - self.start))]
             part = mx.pad(part, pad)
-        size = self.world.size()
-        parts = mx.distributed.all_gather(part, group=self.world)  # rank by rank, along axis 0
+        size = self.group.size()
+        parts = mx.distributed.all_gather(part, group=self.group)  # rank by rank, along axis 0
         parts = parts.reshape(size, *part.shape)
         return mx.moveaxis(parts, 0, -2).reshape(*part.shape[:-1], size * self.chunk)[..., : self.vocab]
 
@@ -116,24 +111,30 @@ def tensor_head(model: nn.Module) -> Optional[TensorHead]:
     return next((m for _, m in model.named_modules() if isinstance(m, TensorHead)), None)
 
 
-def load_tensor(model: str, world: mx.distributed.Group, path: Path) -> tuple[nn.Module, dict]:
-    """Build the model lazily, split it with its own shard(), then read only this rank's
-    part of each tensor (one layer at a time: a tensor is read whole, then sliced).
-    ValueError if the checkpoint lacks a tensor or the model cannot be split."""
-    fetch_all_weights(model)
+def load_tensor(model: str, stage: Stage, group: mx.distributed.Group, path: Path,
+                plan: Anatomy) -> tuple[nn.Module, dict]:
+    """Build the model lazily, split it among `group` (this rank's stage) with its own
+    shard(), cut it to the stage's layers, then read only this rank's part of each
+    tensor it keeps (one layer at a time: a tensor is read whole, then sliced). `plan`,
+    the anatomy from the config, picks a hub repo's files. ValueError if the checkpoint
+    lacks a tensor or the model cannot be split."""
+    if not Path(model).exists():
+        fetch_stage_weights(model, path, stage, plan)
     net, config, loaded = load_lazily(path)
     anatomy = anatomy_of(net, config)
-    rank, size = world.rank(), world.size()
-    check_checkpoint(net, anatomy, Stage(0, 1, 0, anatomy.count), loaded)  # every tensor, as one stage would
-    problem = shard_problem(net, size)
+    check_checkpoint(net, anatomy, stage, loaded)
+    problem = shard_problem(net, group.size())
     if problem is not None:
         raise ValueError(f"PARALLEL=tensor: {problem}; use PARALLEL=pipeline or auto")
-    net.shard(world)
-    if anatomy.head is not None:
-        set_path(net, anatomy.head.path, TensorHead(get_path(net, anatomy.head.path), anatomy, world))
-    stage = Stage(rank, size, 0, anatomy.count)
-    mark_stage(net, anatomy, stage)
+    net.shard(group)
+    if anatomy.head is not None and stage.in_last_stage:
+        set_path(net, anatomy.head.path, TensorHead(get_path(net, anatomy.head.path), anatomy, group, stage.phases))
+    if stage.stages > 1:
+        prune_to_stage(net, anatomy, stage, NO_HOPS)
+    else:
+        mark_stage(net, anatomy, stage)
     materialize(net, anatomy, stage)
-    log.info("tensor shard ready: part %d of %d of each of %d layers, %.1f MB of parameters",
-             rank + 1, size, anatomy.count, parameter_bytes(net) / 2**20)
+    log.info("tensor shard ready: part %d of %d of each of layers %d-%d of %d, %.1f MB of parameters",
+             stage.member + 1, stage.group_size, stage.start, stage.end - 1, anatomy.count,
+             parameter_bytes(net) / 2**20)
     return net, config

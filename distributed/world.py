@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes.util
+import gc
 import json
 import logging
 import os
@@ -58,6 +59,17 @@ def join_world(backend: str) -> mx.distributed.Group:
         atexit.register(finalize_lone_mpi)
     log.info("joined world: rank %d of %d (backend %s)", world.rank(), world.size(), backend)
     return world
+
+
+def release_groups() -> None:
+    """Free the groups split from the world (TENSOR_PARALLEL) before MPI is finalized at
+    exit, which aborts a process that frees one later: mlx's sharded layers cache a
+    function per group (`sum_gradients`) that would keep it alive until then. Call it
+    once a rank's ring is dropped."""
+    from mlx.nn.layers.distributed import sum_gradients
+
+    sum_gradients.cache_clear()
+    gc.collect()
 
 
 def available_memory() -> int:

@@ -45,19 +45,37 @@ def shard_reference(ranks: int, backend: str, models: list[Path], prompts: list[
     return _shard_reference(ranks, backend, json.dumps(jobs))
 
 
-def expected_parameter_bytes(path: Path, rank: int, ranks: int) -> int:
-    """Bytes of rank `rank`'s part of the checkpoint: 1/N of each layer's projections (their
-    output rows, or input columns for o_proj and down_proj, whose bias is whole), the
-    norms, the embedding and 1/N of the untied head's vocabulary rows."""
+def expected_parameter_bytes(path: Path, layers: list[int], parts: int, first: bool = True,
+                             last: bool = True) -> int:
+    """Bytes of a rank's part of the checkpoint, when its stage holds `layers` [start,
+    end) and splits them in `parts`: 1/parts of each layer's projections (their output
+    rows, or input columns for o_proj and down_proj, whose bias is whole); on the first
+    stage the embedding whole; on the last the final norm and 1/parts of the head's
+    vocabulary rows (a tied embedding's, where that is not the first stage too)."""
     tensors = {}
     for file in path.glob("*.safetensors"):
         tensors.update(mx.load(str(file)))
+    tied = "lm_head.weight" not in tensors
     total = 0
     for name, value in tensors.items():
-        split = name.endswith("proj.weight") or (name.endswith("proj.bias") and "o_proj" not in name
-                                                   and "down_proj" not in name)
-        split = split or name.startswith("lm_head.")
-        total += value.nbytes // ranks if split else value.nbytes
+        if ".layers." in name:
+            if not layers[0] <= int(name.split(".layers.")[1].split(".")[0]) < layers[1]:
+                continue
+            split = name.endswith("proj.weight") or (name.endswith("proj.bias") and "o_proj" not in name
+                                                       and "down_proj" not in name)
+        elif name.startswith("lm_head."):
+            if not last:
+                continue
+            split = True
+        elif "embed_tokens" in name:
+            if not (first or (last and tied)):
+                continue
+            split = not first
+        elif last:
+            split = False
+        else:
+            continue
+        total += value.nbytes // parts if split else value.nbytes
     return total
 
 
@@ -74,7 +92,7 @@ def test_tensor_matches_mlx_lm_shard(tiny_models, arch, ranks, backend):
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
     for r in out["ranks"]:
         assert r["layers"] == [0, layers] and r["shard"] == [r["rank"], ranks]
-        assert r["parameter_bytes"] == expected_parameter_bytes(path, r["rank"], ranks)
+        assert r["parameter_bytes"] == expected_parameter_bytes(path, [0, layers], ranks)
 
 
 MOE_ARCHS = ("qwen3_moe", "deepseek_v3")  # experts split by mlx-lm's shard(); deepseek's latent attention
@@ -103,7 +121,7 @@ def test_four_ranks_match_mlx_lm_shard(tmp_path):
     settings = {"MODEL_REPO": str(path), "PARALLEL": "tensor"} | CHUNKED
     out = generate_json(4, "mpi", settings, ["--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)])
     assert out["token_ids"] == expected[str(path)][0]
-    assert [r["parameter_bytes"] for r in out["ranks"]] == [expected_parameter_bytes(path, r, 4) for r in range(4)]
+    assert [r["parameter_bytes"] for r in out["ranks"]] == [expected_parameter_bytes(path, [0, 6], 4)] * 4
 
 
 def test_kv_bits_in_tensor_mode_match_mlx_lm_shard(tmp_path):
@@ -146,15 +164,23 @@ JOINING = [
 ]
 
 
-def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path):
+# Tensor mode on 2 ranks; 2 stages of 2 ranks (TENSOR_PARALLEL=2), which compute the same bits.
+LAYOUTS = [(2, {}, "tensor", 1), (4, {"TENSOR_PARALLEL": "2"}, "hybrid", 2)]
+
+
+@pytest.mark.parametrize("ranks,layout,mode,micro_batches", LAYOUTS, ids=["tensor", "hybrid"])
+def test_batching_and_prompt_cache_in_tensor_mode(tiny_models, tmp_path, ranks, layout, mode, micro_batches):
     model = tiny_models["llama"]
     prompts = [{"text": c, "chat": True} for c, _, _ in JOINING]
     expected = shard_reference(2, "mpi", [model], prompts, max(n for _, n, _ in JOINING))[str(model)]
-    with ring_and_api(model, tmp_path / "spool", 2, PARALLEL="tensor", MICRO_BATCHES="2", **CHUNKED) as (api, _):
+    with ring_and_api(model, tmp_path / "spool", ranks, PARALLEL="tensor", MICRO_BATCHES="2", **layout,
+                      **CHUNKED) as (api, _):
         health = httpx.get(f"{api.url}/health").json()
-        assert health["parallel"]["mode"] == "tensor" and [r["shard"] for r in health["ranks"]] == [[0, 2], [1, 2]]
-        # Every rank works on every step: a second micro-batch would only halve the batch.
-        assert _heartbeat(api)["micro_batches"] == 1
+        assert health["parallel"]["mode"] == mode
+        assert [r["shard"] for r in health["ranks"]] == [[0, 2], [1, 2]] * (ranks // 2)
+        # Every rank of a stage works on each of its steps: a second micro-batch per
+        # stage would only halve the batch.
+        assert _heartbeat(api)["micro_batches"] == micro_batches
         for round_ in range(2):  # the second time from the prompt cache
             with ThreadPoolExecutor(len(JOINING)) as pool:
                 futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], n, d)
