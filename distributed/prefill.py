@@ -82,6 +82,8 @@ class Prefill:
             remaining = self._remaining_prompt(other.members[0])
             if (len(micro.members) + 1) * min(self.prefill_chunk, max(longest, remaining)) > self.prefill_step_size:
                 break
+            if len(micro.members) + 1 > self._fair_share():
+                break
             longest = max(longest, remaining)
             self.ready.remove(batch)
             self._merge(micro, other)
@@ -91,6 +93,14 @@ class Prefill:
         padding = {"lengths": lengths, "right_padding": [max(lengths) - n for n in lengths]}
         self.pipeline.tell(Header(Op.PREPARE, micro.batch), json.dumps(padding).encode())
         log.info("prefilling %d prompts together (%s tokens)", len(lengths), ", ".join(map(str, lengths)))
+
+    def _fair_share(self) -> int:
+        """The most sequences a micro-batch of prompts may gather: their even share of
+        the micro-batches in flight. Prompts that arrive together then decode as
+        several micro-batches, which keep the stages of a ring busy at once, instead of
+        one that leaves every stage but one idle."""
+        sequences = sum(len(b.members) for b in self.micro_batches.values())
+        return -(-sequences // self.max_in_flight)
 
     def _prefill_step(self, micro: MicroBatch) -> tuple[StepWork, int]:
         """The next chunk of the prompts but their last tokens, chunked as mlx-lm's

@@ -139,14 +139,16 @@ def test_ranks_sharing_a_machine_take_turns_by_default(tmp_path: Path, model: Pa
 TOGETHER = ["Hi", "Name a colour.", "What is the capital of France, and why?", "Count to three."]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: str) -> None:
-    """Prompts already waiting when the ring starts are prefilled as one micro-batch, right-padded
-    to one length (PREPARE around 2 ranks); every reply still equals mlx-lm alone. gemma3's
-    16-token sliding window is shorter than most of the prompts."""
+@pytest.mark.parametrize("arch,micro_batches", [("llama", 1), ("gemma3_text", 1), ("llama", 2)])
+def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: str, micro_batches: int) -> None:
+    """Prompts already waiting when the ring starts are prefilled together, right-padded to
+    one length (PREPARE around 2 ranks): as one micro-batch, or with several micro-batches
+    in flight, in even shares, so that they keep both stages busy; every reply still
+    equals mlx-lm alone. gemma3's 16-token sliding window is shorter than most of the prompts."""
     model = make_tiny_model(arch, tmp_path / arch)
     step = 256  # one chunk holds them all
-    with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(step)) as (api, rank):
+    with ring_and_api(model, tmp_path / "spool", 2, PREFILL_STEP_SIZE=str(step),
+                      MICRO_BATCHES=str(micro_batches)) as (api, rank):
         rank.stop()
         with ThreadPoolExecutor(len(TOGETHER)) as pool:
             futures = [pool.submit(_chat, api, model, [{"role": "user", "content": c}], 30) for c in TOGETHER]
@@ -160,7 +162,8 @@ def test_prompts_queued_together_are_prefilled_together(tmp_path: Path, arch: st
         expected = _expected(model, content, 30, prefill_step=step)
         assert {"text": reply["text"], "finish_reason": reply["finish_reason"]} == expected, content
         assert {"text": second["text"], "finish_reason": second["finish_reason"]} == expected, content
-    assert f"prefilling {len(TOGETHER)} prompts together" in rank.log_path.read_text()
+    share = len(TOGETHER) // micro_batches
+    assert rank.log_path.read_text().count(f"prefilling {share} prompts together") == micro_batches
     if arch == "llama":  # gemma3's window caches cannot be cut back to a prefix: no prompt cache
         assert metric_value(metrics, "mlx_ring_prompt_cache_hits_total") >= len(TOGETHER)
 

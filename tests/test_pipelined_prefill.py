@@ -102,19 +102,24 @@ def test_a_request_arriving_mid_prefill(serving, model: Path) -> None:
     assert any(chunks >= 60 and most == 2 for _, chunks, _, most in _prefills(rank.log_path.read_text()))
 
 
-# Short prompts (with the chat template, 20 to 60 tokens): one padded micro-batch of
-# several chunks, since 4 rows of a 16-token chunk fit in PREFILL_STEP_SIZE.
+# Short prompts (with the chat template, 20 to 60 tokens), 2 rows of a 16-token chunk
+# fitting in PREFILL_STEP_SIZE many times over.
 TOGETHER = ["Hi", "Name a colour.", "What is the capital of France, and why? " * 3, "Count to three."]
 
 
-def test_prompts_queued_together_pipeline_as_one_batch(serving, model: Path) -> None:
+def test_prompts_queued_together_prefill_in_even_shares(serving, model: Path) -> None:
+    """With 2 micro-batches in flight, 4 prompts queued together prefill as 2 padded
+    micro-batches of 2, which then decode side by side, each on a stage while the
+    other is on the next; every reply equals mlx-lm alone."""
     api, rank = serving
     rank.stop()
     with ThreadPoolExecutor(len(TOGETHER)) as pool:
         futures = [pool.submit(_greedy_chat, api, model, content) for content in TOGETHER]
         assert wait_for(lambda: api.spool.queue_depth() == len(TOGETHER), timeout=30)
+        before = len(rank.log_path.read_text())
         rank.start()
         replies = [f.result() for f in futures]
     assert replies == [_expected(model, content) for content in TOGETHER]
-    assert any(prompts == len(TOGETHER) and chunks >= 3 and most == 2
-               for prompts, chunks, _, most in _prefills(rank.log_path.read_text()))
+    prefills = _prefills(rank.log_path.read_text()[before:])
+    assert [prompts for prompts, *_ in prefills] == [2, 2]
+    assert max(chunks for _, chunks, _, _ in prefills) >= 3
