@@ -14,6 +14,9 @@ import pytest
 from conftest import PROMPT, generate_json, run_ranks
 from test_tensor import CHUNKED, MAX_TOKENS, expected_parameter_bytes, shard_reference
 
+from distributed.loading import plan_anatomy, stage_weight_files
+from distributed.shard import Stage
+
 HYBRID = {"PARALLEL": "tensor", "TENSOR_PARALLEL": "2"}
 ARCHS = ("llama", "qwen3")  # a tied embedding (the last stage keeps half its rows) and an untied head
 
@@ -36,6 +39,20 @@ def test_two_stages_of_two_ranks_match_mlx_lm_shard(tiny_models, arch):
     assert [r["parameter_bytes"] for r in ranks] == [
         expected_parameter_bytes(path, r["layers"], 2, first=r["rank"] < 2, last=r["rank"] >= 2) for r in ranks
     ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_hub_repo_gives_each_rank_only_its_stages_files(tiny_models, arch):
+    """Each tiny model's first file holds layers 0-2 and the embedding, its second
+    layers 3-5, the norm and any untied head. The last stage needs a tied embedding
+    too, for its rows of the head."""
+    index = json.loads((tiny_models[arch] / "model.safetensors.index.json").read_text())["weight_map"]
+    anatomy = plan_anatomy(tiny_models[arch])
+    first, second = sorted(set(index.values()))
+    last = {first, second} if arch == "llama" else {second}
+    for rank in range(4):
+        stage = Stage(rank, 4, *((0, 3) if rank < 2 else (3, 6)), group_size=2)
+        assert stage_weight_files(index, stage, anatomy) == ({first} if rank < 2 else last), rank
 
 
 def test_mixture_of_experts_in_two_stages_of_two(tmp_path):
