@@ -64,9 +64,8 @@ def micro_batches(settings: Settings, ranks: list[dict], stage: Stage) -> int:
     one per stage. Stages of several ranks (tensor parallel within): one per stage,
     since every rank of a stage works on each of its steps, and a step reads every
     weight once however many sequences it holds (tensor mode: always one)."""
-    if stage.group_size > 1:
-        return min(settings.micro_batches or stage.stages, stage.stages)
-    return min(settings.micro_batches or len({r["host"] for r in ranks}), len(ranks))
+    default = stage.stages if stage.group_size > 1 else len({r["host"] for r in ranks})
+    return min(settings.micro_batches or default, stage.stages)
 
 
 def load_checked(settings: Settings, model_ref: str, path: Path, plan: Anatomy, stage: Stage,

@@ -75,6 +75,7 @@ class Prefill:
         if self.max_decoding is None:
             return  # no batch caches
         longest = self._remaining_prompt(micro.members[0])
+        share = self._fair_share()
         for batch in sorted(self.ready):
             other = self.micro_batches[batch]
             if not self._unstarted(other):
@@ -82,7 +83,7 @@ class Prefill:
             remaining = self._remaining_prompt(other.members[0])
             if (len(micro.members) + 1) * min(self.prefill_chunk, max(longest, remaining)) > self.prefill_step_size:
                 break
-            if len(micro.members) + 1 > self._fair_share():
+            if len(micro.members) + 1 > share:
                 break
             longest = max(longest, remaining)
             self.ready.remove(batch)

@@ -117,16 +117,13 @@ def load_tensor(model: str, stage: Stage, group: mx.distributed.Group, path: Pat
     shard(), cut it to the stage's layers, then read only this rank's part of each
     tensor it keeps (one layer at a time: a tensor is read whole, then sliced). `plan`,
     the anatomy from the config, picks a hub repo's files. ValueError if the checkpoint
-    lacks a tensor or the model cannot be split."""
+    lacks a tensor."""
     if not Path(model).exists():
         fetch_stage_weights(model, path, stage, plan)
     net, config, loaded = load_lazily(path)
     anatomy = anatomy_of(net, config)
     check_checkpoint(net, anatomy, stage, loaded)
-    problem = shard_problem(net, group.size())
-    if problem is not None:
-        raise ValueError(f"PARALLEL=tensor: {problem}; use PARALLEL=pipeline or auto")
-    net.shard(group)
+    net.shard(group)  # `choose_parallel` has checked that it splits among the group
     if anatomy.head is not None and stage.in_last_stage:
         set_path(net, anatomy.head.path, TensorHead(get_path(net, anatomy.head.path), anatomy, group, stage.phases))
     if stage.stages > 1:
